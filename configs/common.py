@@ -1,0 +1,143 @@
+"""Shared defaults for every config, and the ``name=value`` argument parser.
+
+Each config file says only what differs from ``get_base_config()``. Configs
+take an optional string argument for sweeps, e.g.
+``--config=configs/contrastive.py:seed=1,projector=mlp``; then
+``--config.optim.schedules.main.peak_lr=3e-4`` overrides single values.
+Unknown argument names and unknown keys are errors that list the valid ones.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+def parse_arg(arg: str | None, **defaults) -> ConfigDict:
+  """Parses ``'a=1,b=x'`` against ``defaults``; values take the default's type.
+
+  An unknown name raises ``ValueError`` naming the valid ones.
+  """
+  result = ConfigDict(dict(defaults))
+  if not arg:
+    return result
+  for item in arg.split(","):
+    if not item:
+      continue
+    if "=" not in item:
+      raise ValueError(f"config arg {item!r} is not of the form name=value; valid names: "
+                       f"{sorted(defaults)}")
+    name, value = item.split("=", 1)
+    if name not in defaults:
+      raise ValueError(f"unknown config arg {name!r}; valid names: {sorted(defaults)}")
+    default = defaults[name]
+    if isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config arg {name!r} expects a bool, got {value!r}")
+      result[name] = value.lower() in ("true", "1")
+    elif default is None:
+      result[name] = value
+    else:
+      result[name] = type(default)(value)
+  return result
+
+
+def get_base_config() -> ConfigDict:
+  """Every key a run reads, with its default. Small enough for a laptop CPU."""
+  c = ConfigDict()
+  c.seed = 0
+  c.total_steps = 300
+  c.batch_size = 16            # global batch, split over the data-parallel devices
+  c.eval_batch_size = 32
+  c.log_every = 25
+  c.eval_every = 100           # validation WER/CER (also picks the best checkpoint)
+  c.max_eval_batches = -1      # -1: the whole split
+  c.checkpoint_every = 100
+  c.keep_checkpoints = 2
+
+  # Device mesh (data, fsdp, tensor); -1 takes the remaining devices.
+  c.mesh = ConfigDict(dict(shape=(-1, 1, 1)))
+  # Logical axis name -> mesh axes. Names not listed are replicated; an axis
+  # that does not divide a dimension is dropped for that array (logged).
+  c.sharding_rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("vocab", "tensor"),
+  )
+
+  c.data = ConfigDict(dict(
+      name="synthetic_lips",
+      data_dir="",               # '' -> $VSRLLM_DATA_DIR or ~/.cache/vsrllm_jax/tensorflow_datasets
+      image_size=32,             # square frames, pixels
+      max_frames=64,             # clips are padded to this many frames (25 fps)
+      train_clips=2000,
+      validation_clips=200,
+      test_clips=200,
+      generation_seed=0,
+      instruction="Recognize this speech in English. Input:",
+      max_instruction_tokens=16,
+      max_label_tokens=12,       # transcript tokens + EOS
+      worker_count=0,            # grain worker processes (0 = in-process)
+  ))
+
+  c.encoder = ConfigDict(dict(
+      name="avhubert",
+      path="",                   # '' -> random init (frozen)
+      stem_channels=16,
+      resnet_channels=(16, 32, 64, 64),
+      resnet_blocks=(1, 1, 1, 1),
+      hidden_dim=64,
+      num_layers=2,
+      num_heads=4,
+      mlp_dim=128,
+  ))
+
+  c.projector = ConfigDict(dict(name="mlp"))
+
+  c.llm = ConfigDict(dict(
+      path="",                   # '' -> random init of the shape below (frozen)
+      tokenizer_path="",         # '' -> the synthetic data's word-level tokenizer
+      vocab_size=0,              # 0 -> from the tokenizer (random init only)
+      hidden_dim=64,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=16,
+      mlp_dim=128,
+      rope_theta=10000.0,
+      rms_norm_eps=1e-6,
+      tie_word_embeddings=False,
+      max_position_embeddings=512,
+      remat_policy="none",
+  ))
+
+  c.dtype = "float32"            # compute dtype of the models
+  c.param_dtype = "float32"
+
+  c.loss_weights = ConfigDict(dict(lm=1.0))
+
+  c.optim = ConfigDict(dict(
+      # (regex over 'a/b/c' param paths, schedule name | None); first match
+      # wins and every param must match. None = frozen (no optimizer state).
+      param_groups=(("^projector/", "main"), (".*", None)),
+      schedules=ConfigDict(dict(main=ConfigDict(dict(
+          kind="warmup_cosine",    # warmup_cosine | tri_stage
+          peak_lr=1e-3,
+          warmup_steps=30,
+          end_lr_scale=0.05,       # warmup_cosine: final lr / peak
+          hold_steps=0,            # tri_stage: steps at peak after warmup
+          init_lr_scale=0.01,      # tri_stage: initial lr / peak
+          final_lr_scale=0.05,     # tri_stage: final lr / peak
+      )))),
+      weight_decay=0.01,
+      b1=0.9,
+      b2=0.98,
+      eps=1e-8,
+      clip_grad_norm=1.0,
+  ))
+
+  c.decode = ConfigDict(dict(max_new_tokens=12))
+  return c

@@ -1,0 +1,285 @@
+"""grain input pipeline: synthetic_lips records -> fixed-shape host batches.
+
+A batch is a dict of numpy arrays (B = per-process batch):
+  video            uint8 [B, max_frames, H, W, 1], zero after the real frames
+  video_mask       bool  [B, max_frames]
+  instruction_ids  int32 [B, max_instruction_tokens]: BOS + instruction, pad after
+  instruction_mask bool  [B, max_instruction_tokens]
+  label_ids        int32 [B, max_label_tokens]: transcript + EOS, pad after
+  label_mask       bool  [B, max_label_tokens]
+  example_mask     bool  [B]: False for filler rows (end of an eval split, or
+                   a corrupt eval record); fillers keep the instruction, have
+                   no video and no label tokens
+  id, text         object [B] of Python str ('' for fillers)
+Training reads through grain (deterministic, checkpointable iterator state);
+evaluation is a plain iterator over the split in record order. A corrupt
+record is skipped, counted (``skipped_record_count()``) and logged.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+
+import grain.python as grain
+import jax
+import numpy as np
+
+from vsrllm_jax.data import synthetic_lips
+from vsrllm_jax.data.synthetic_spec import spec_from_config
+
+_log = logging.getLogger(__name__)
+
+_skip_lock = threading.Lock()
+_skipped = 0
+
+
+def skipped_record_count() -> int:
+  """Corrupt records skipped by this process since import (or the last reset).
+
+  With ``worker_count > 0`` grain workers count in their own processes; their
+  warnings still reach the log.
+  """
+  return _skipped
+
+
+skipped_count = skipped_record_count  # the name train.py uses
+
+
+def reset_skipped_record_count() -> None:
+  global _skipped
+  with _skip_lock:
+    _skipped = 0
+
+
+def _skip(index, record_id, reason) -> None:
+  global _skipped
+  with _skip_lock:
+    _skipped += 1
+  _log.warning("skipping corrupt record index=%s id=%r: %s", index, record_id, reason)
+
+
+@functools.lru_cache(maxsize=8)
+def _prepared_builder(spec, data_dir: str):
+  return synthetic_lips.prepare(spec, data_dir)
+
+
+def _builder(data_cfg):
+  data_dir = data_cfg.data_dir or synthetic_lips.default_data_dir()
+  return _prepared_builder(spec_from_config(data_cfg), str(data_dir))
+
+
+def data_source(data_cfg, split: str):
+  """Random-access source of a split (prepared on first use), via tfds.data_sources."""
+  return _builder(data_cfg).as_data_source(split=split)
+
+
+def split_size(data_cfg, split: str) -> int:
+  """Number of records in ``split``."""
+  return len(data_source(data_cfg, split))
+
+
+def _as_str(value) -> str:
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  if isinstance(value, np.ndarray) and value.dtype.kind in "SO":
+    return _as_str(value.item())
+  return str(value)
+
+
+class _Encoder:
+  """Record -> padded, tokenized example. None for a corrupt record."""
+
+  def __init__(self, data_cfg, tokenizer):
+    self.max_frames = int(data_cfg.max_frames)
+    size = int(data_cfg.image_size)
+    self.frame_shape = (size, size, 1)
+    self.max_label = int(data_cfg.max_label_tokens)
+    self.pad_id = int(tokenizer.pad_token_id)
+    self.eos_id = int(tokenizer.eos_token_id)
+    self.tokenizer = tokenizer
+    ids = [int(tokenizer.bos_token_id)] + self._tokens(data_cfg.instruction)
+    max_instr = int(data_cfg.max_instruction_tokens)
+    if len(ids) > max_instr:
+      raise ValueError(f"instruction {data_cfg.instruction!r} needs {len(ids)} tokens (BOS "
+                       f"included) > data.max_instruction_tokens={max_instr}; raise "
+                       "data.max_instruction_tokens or shorten data.instruction")
+    self.instruction_ids, self.instruction_mask = self._pad(ids, max_instr)
+
+  def _tokens(self, text: str) -> list[int]:
+    return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+  def _pad(self, ids, length):
+    out = np.full((length,), self.pad_id, np.int32)  # [L]
+    out[:len(ids)] = ids
+    return out, np.arange(length) < len(ids)
+
+  def _video(self, index, record_id, record):
+    """Validated video [T, H, W, 1] uint8, or None (counted) if malformed."""
+    video = record.get("video") if isinstance(record, dict) else None
+    if not isinstance(video, np.ndarray) or video.dtype != np.uint8:
+      _skip(index, record_id, f"video is {type(video).__name__} "
+            f"{getattr(video, 'dtype', '')}, expected a uint8 array")
+      return None
+    if video.ndim != 4 or video.shape[1:] != self.frame_shape:
+      _skip(index, record_id, f"video shape {video.shape}, expected (T, *{self.frame_shape})")
+      return None
+    if not 1 <= video.shape[0] <= self.max_frames:
+      _skip(index, record_id, f"{video.shape[0]} frames, expected 1..{self.max_frames} "
+            "(data.max_frames)")
+      return None
+    num_frames = record.get("num_frames", video.shape[0])
+    if int(num_frames) != video.shape[0]:
+      _skip(index, record_id, f"num_frames={num_frames} but the video has {video.shape[0]}")
+      return None
+    return video
+
+  def __call__(self, index, record):
+    """Example dict for ``record`` (read at ``index``), or None if corrupt."""
+    if isinstance(record, _Corrupt):
+      _skip(index, None, record.reason)
+      return None
+    try:
+      record_id, text = _as_str(record["id"]), _as_str(record["text"])
+    except (KeyError, TypeError, UnicodeDecodeError) as e:
+      _skip(index, None, f"bad id/text: {e!r}")
+      return None
+    video = self._video(index, record_id, record)
+    if video is None:
+      return None
+    label = self._tokens(text) + [self.eos_id]
+    if len(label) > self.max_label:
+      raise ValueError(f"record {record_id!r}: transcript {text!r} + EOS needs {len(label)} "
+                       f"tokens > data.max_label_tokens={self.max_label}; raise "
+                       "data.max_label_tokens")
+    label_ids, label_mask = self._pad(label, self.max_label)
+    padded = np.zeros((self.max_frames,) + self.frame_shape, np.uint8)  # [T_max, H, W, 1]
+    padded[:video.shape[0]] = video
+    return {
+        "video": padded,
+        "video_mask": np.arange(self.max_frames) < video.shape[0],
+        "instruction_ids": self.instruction_ids.copy(),
+        "instruction_mask": self.instruction_mask.copy(),
+        "label_ids": label_ids,
+        "label_mask": label_mask,
+        "example_mask": np.bool_(True),
+        "id": np.asarray(record_id, dtype=object),
+        "text": np.asarray(text, dtype=object),
+    }
+
+  def filler(self):
+    """A row that keeps batch shapes static and counts for nothing."""
+    return {
+        "video": np.zeros((self.max_frames,) + self.frame_shape, np.uint8),
+        "video_mask": np.zeros((self.max_frames,), bool),
+        "instruction_ids": self.instruction_ids.copy(),
+        "instruction_mask": self.instruction_mask.copy(),
+        "label_ids": np.full((self.max_label,), self.pad_id, np.int32),
+        "label_mask": np.zeros((self.max_label,), bool),
+        "example_mask": np.bool_(False),
+        "id": np.asarray("", dtype=object),
+        "text": np.asarray("", dtype=object),
+    }
+
+
+class _Corrupt:
+  """Stands in for a record that could not be read or decoded."""
+
+  def __init__(self, reason: str):
+    self.reason = reason
+
+
+class _SafeSource(grain.RandomAccessDataSource):
+  """Wraps a source so a read/decode error yields (index, _Corrupt), not a crash."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self):
+    return len(self._source)
+
+  def __repr__(self):  # grain checks the source of a restored state by its repr
+    return f"_SafeSource({self._source!r})"
+
+  def __getitem__(self, index):
+    try:
+      record = self._source[index]
+    except Exception as e:  # noqa: BLE001 - any decode failure is a corrupt record
+      record = _Corrupt(f"read failed: {e!r}")
+    return index, record
+
+
+class _EncodeTransform(grain.MapTransform):
+  def __init__(self, encoder: _Encoder):
+    self._encoder = encoder
+
+  def map(self, element):
+    index, record = element
+    return self._encoder(index, record)
+
+
+class _DropCorrupt(grain.FilterTransform):
+  def filter(self, element) -> bool:
+    return element is not None
+
+
+def _per_process_batch(global_batch_size: int) -> int:
+  processes = jax.process_count()
+  if global_batch_size <= 0 or global_batch_size % processes:
+    raise ValueError(f"global batch size {global_batch_size} must be a positive multiple of "
+                     f"the number of processes ({processes})")
+  return global_batch_size // processes
+
+
+def make_train_loader(data_cfg, tokenizer, *, global_batch_size: int, seed: int,
+                      source=None) -> grain.DataLoader:
+  """Endless shuffled training batches of this process's shard.
+
+  ``iter(loader)`` is checkpointable (``get_state``/``set_state``, or orbax's
+  ``grain.PyGrainCheckpointSave/Restore``). ``source`` replaces the prepared
+  train split (any random-access source of records; for tests).
+  """
+  source = _SafeSource(data_source(data_cfg, "train") if source is None else source)
+  sampler = grain.IndexSampler(
+      num_records=len(source),
+      shard_options=grain.ShardByJaxProcess(drop_remainder=True),
+      shuffle=True, num_epochs=None, seed=int(seed))
+  operations = [
+      _EncodeTransform(_Encoder(data_cfg, tokenizer)),
+      _DropCorrupt(),  # before batching, so batches stay full
+      grain.Batch(_per_process_batch(global_batch_size), drop_remainder=True),
+  ]
+  return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
+                          worker_count=int(data_cfg.worker_count))
+
+
+def _stack(rows):
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def eval_batches(data_cfg, tokenizer, split: str, *, global_batch_size: int,
+                 max_batches: int = -1, source=None):
+  """Yields this process's rows of each global batch of ``split``, in record order.
+
+  Global batch b holds records [b*G, (b+1)*G); process p gets its contiguous
+  slice of B = G / process_count rows, so every process yields the same
+  number of batches. Rows past the end of the split, and corrupt records,
+  become fillers (``example_mask`` False). ``max_batches`` < 0: the whole split.
+  """
+  source = _SafeSource(data_source(data_cfg, split) if source is None else source)
+  encoder = _Encoder(data_cfg, tokenizer)
+  per_process = _per_process_batch(global_batch_size)
+  num_records = len(source)
+  num_batches = -(-num_records // global_batch_size)
+  if max_batches >= 0:
+    num_batches = min(num_batches, max_batches)
+  offset = jax.process_index() * per_process
+  for b in range(num_batches):
+    rows = []
+    for index in range(b * global_batch_size + offset,
+                       b * global_batch_size + offset + per_process):
+      example = None
+      if index < num_records:
+        example = encoder(*source[index])
+      rows.append(encoder.filler() if example is None else example)
+    yield _stack(rows)

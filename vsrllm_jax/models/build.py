@@ -1,0 +1,36 @@
+"""Builds the composed model from a resolved config."""
+from __future__ import annotations
+
+import json
+import os
+
+from vsrllm_jax.models import layers
+from vsrllm_jax.models.llm import LlmConfig
+from vsrllm_jax.models.video_encoder import VideoEncoderConfig
+from vsrllm_jax.models.vsr_model import VSRModel
+
+
+def llm_config(config) -> LlmConfig:
+  """The LLM's shape: from ``llm.path``'s config.json, else from ``config.llm``."""
+  dtypes = dict(dtype=config.dtype, param_dtype=config.param_dtype,
+                remat_policy=config.llm.remat_policy)
+  if config.llm.path:
+    cfg_file = os.path.join(config.llm.path, "config.json")
+    if not os.path.exists(cfg_file):
+      raise FileNotFoundError(f"config.llm.path={config.llm.path!r} has no config.json")
+    with open(cfg_file) as f:
+      return LlmConfig.from_hf_config(json.load(f), **dtypes)
+  if config.llm.vocab_size <= 0:
+    raise ValueError("config.llm.vocab_size is unset; resolve the config with its tokenizer "
+                     "first (train.py does this)")
+  return LlmConfig.from_config_dict(config.llm, config.llm.vocab_size, **dtypes)
+
+
+def build_model(config) -> VSRModel:
+  projector_cfg = dict(config.projector)
+  return VSRModel(
+      encoder_config=VideoEncoderConfig.from_config_dict(config.encoder),
+      projector_config=projector_cfg,
+      llm_config=llm_config(config),
+      dtype=layers.dtype_from_name(config.dtype),
+      param_dtype=layers.dtype_from_name(config.param_dtype))

@@ -1,0 +1,91 @@
+"""The composed model: frozen encoder -> projector -> frozen LLM.
+
+The LLM reads ``[instruction][visual tokens][label]``. Each segment may be
+padded inside (mask False); attention masks and position ids are built from
+the three segment masks, so padding never shifts positions or leaks
+attention. In training, logits are computed only at the positions that
+predict label tokens.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vsrllm_jax.models import deduplication, projectors
+from vsrllm_jax.models.llm import LlamaModel, LlmConfig
+from vsrllm_jax.models.projectors.base import ProjectorOutput
+from vsrllm_jax.models.video_encoder import VideoEncoder, VideoEncoderConfig
+
+
+def previous_real_index(mask: jax.Array) -> jax.Array:
+  """For each position i, the largest real index j < i (0 if none). mask [B, S]."""
+  idx = jnp.arange(mask.shape[1])
+  last_real = jax.lax.cummax(jnp.where(mask, idx[None], -1), axis=1)  # [B, S], <= i
+  prev = jnp.pad(last_real[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+  return jnp.maximum(prev, 0)
+
+
+class VSRModel(nn.Module):
+  """batch -> dict(logits [B, Ll, V], projector ProjectorOutput, ...)."""
+  encoder_config: VideoEncoderConfig
+  projector_config: Any          # mapping of projector fields incl. 'name'
+  llm_config: LlmConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.encoder = VideoEncoder(self.encoder_config, **kw)
+    self.projector = projectors.build(self.projector_config["name"], self.projector_config,
+                                      output_dim=self.llm_config.hidden_dim, **kw)
+    self.llm = LlamaModel(self.llm_config)
+
+  def encode(self, batch) -> tuple[jax.Array, jax.Array]:
+    """Frozen visual features [B, T, D] and their mask; cached features pass through."""
+    if "features" in batch:
+      return jax.lax.stop_gradient(batch["features"]), batch["features_mask"].astype(bool)
+    feats = self.encoder(batch["video"], batch["video_mask"])
+    return jax.lax.stop_gradient(feats), batch["video_mask"].astype(bool)
+
+  def embed_ids(self, ids):
+    """Frozen LLM embedding table lookup. ids [B, L] -> [B, L, E]."""
+    return jax.lax.stop_gradient(self.llm.embed(ids))
+
+  def project(self, batch, *, train: bool) -> tuple[ProjectorOutput, jax.Array, jax.Array]:
+    """Runs encoder and projector. Returns (output, visual tokens, visual mask).
+
+    Only the instruction (never the label) reaches the projector.
+    """
+    feats, feats_mask = self.encode(batch)
+    instr = self.embed_ids(batch["instruction_ids"])
+    out = self.projector(feats, feats_mask, text=instr,
+                         text_mask=batch["instruction_mask"].astype(bool), train=train)
+    tokens, mask = out.tokens, out.mask
+    if "cluster_counts" in batch and type(self.projector).sequence_preserving:
+      tokens, mask = deduplication.average_runs(tokens, mask, batch["cluster_counts"])
+    self.sow("intermediates", "projector_tokens", tokens)
+    return out, tokens, mask
+
+  def prompt(self, batch, *, train: bool = False):
+    """[instruction][visual tokens] embeddings [B, P, E], mask [B, P], projector output."""
+    out, tokens, mask = self.project(batch, train=train)
+    instr = self.embed_ids(batch["instruction_ids"])
+    embeds = jnp.concatenate([instr, tokens.astype(instr.dtype)], axis=1)
+    prompt_mask = jnp.concatenate([batch["instruction_mask"].astype(bool), mask], axis=1)
+    return embeds, prompt_mask, out
+
+  def __call__(self, batch, *, train: bool = False):
+    embeds, prompt_mask, out = self.prompt(batch, train=train)
+    label_mask = batch["label_mask"].astype(bool)
+    label = self.embed_ids(batch["label_ids"])
+    embeds = jnp.concatenate([embeds, label], axis=1)                 # [B, S, E]
+    mask = jnp.concatenate([prompt_mask, label_mask], axis=1)         # [B, S]
+    prompt_len = prompt_mask.shape[1]
+    # Label token j is predicted by the last real position before it.
+    logit_positions = previous_real_index(mask)[:, prompt_len:]       # [B, Ll]
+    logits = self.llm(inputs_embeds=embeds, attention_mask=mask,
+                      logit_positions=logit_positions)                # [B, Ll, V]
+    return dict(logits=logits, projector=out)

@@ -1,0 +1,110 @@
+"""What trains, and how: param groups from the config, schedules, AdamW.
+
+``config.optim.param_groups`` is a list of ``(regex, schedule_name | None)``
+matched against 'a/b/c' parameter paths; the first match wins and every
+parameter must match one. ``None`` freezes: frozen parameters are split off
+before differentiation, so they get no gradient, no optimizer state and take
+no part in the gradient-norm clip. The trainable subtree carries labels (the
+schedule names) that route it through ``optax.multi_transform``.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import flax.traverse_util as traverse_util
+import jax
+import jax.numpy as jnp
+import optax
+
+FROZEN = None
+
+
+def param_path(path: tuple[str, ...]) -> str:
+  return "/".join(str(p) for p in path)
+
+
+def label_params(params: Any, param_groups) -> dict[tuple[str, ...], str | None]:
+  """Flat {path: schedule name or None}. Raises on params no pattern covers."""
+  compiled = [(re.compile(pattern), label) for pattern, label in param_groups]
+  labels, uncovered = {}, []
+  for path in traverse_util.flatten_dict(params):
+    name = param_path(path)
+    for regex, label in compiled:
+      if regex.search(name):
+        labels[path] = label
+        break
+    else:
+      uncovered.append(name)
+  if uncovered:
+    raise ValueError(f"config.optim.param_groups covers no pattern for {len(uncovered)} "
+                     f"param(s), e.g. {uncovered[:5]}; end the list with ('.*', None) to freeze "
+                     "the rest")
+  return labels
+
+
+def split(params: Any, labels: Mapping[tuple[str, ...], str | None]) -> tuple[dict, dict]:
+  """Nested params -> (trainable, frozen) nested dicts holding disjoint leaves."""
+  flat = traverse_util.flatten_dict(params)
+  trainable = {k: v for k, v in flat.items() if labels[k] is not FROZEN}
+  frozen = {k: v for k, v in flat.items() if labels[k] is FROZEN}
+  return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def merge(trainable: dict, frozen: dict) -> dict:
+  """Inverse of ``split``."""
+  flat = traverse_util.flatten_dict(frozen)
+  flat.update(traverse_util.flatten_dict(trainable))
+  return traverse_util.unflatten_dict(flat)
+
+
+def make_schedule(cfg, total_steps: int) -> optax.Schedule:
+  """warmup_cosine: linear warmup (from peak / warmup_steps, so that the first
+  step already learns) then cosine to end_lr_scale * peak.
+
+  tri_stage (VSP-LLM / fairseq): linear warmup from init_lr_scale * peak,
+  hold at peak for hold_steps, then exponential decay to final_lr_scale * peak
+  at total_steps.
+  """
+  peak = cfg.peak_lr
+  if cfg.kind == "warmup_cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=peak / max(cfg.warmup_steps, 1), peak_value=peak, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(total_steps, cfg.warmup_steps + 1), end_value=peak * cfg.end_lr_scale)
+  if cfg.kind == "tri_stage":
+    decay_steps = max(total_steps - cfg.warmup_steps - cfg.hold_steps, 1)
+    warmup = optax.linear_schedule(peak * cfg.init_lr_scale, peak, cfg.warmup_steps)
+    hold = optax.constant_schedule(peak)
+    decay = optax.exponential_decay(peak, decay_steps, cfg.final_lr_scale)
+    return optax.join_schedules([warmup, hold, decay],
+                                [cfg.warmup_steps, cfg.warmup_steps + cfg.hold_steps])
+  raise ValueError(f"schedule kind {cfg.kind!r} is not known; valid: ['tri_stage', "
+                   "'warmup_cosine']")
+
+
+def _decay_mask(tree):
+  """Weight decay on matrices only (not biases, norm scales or embeddings of rank 1)."""
+  return jax.tree.map(lambda x: jnp.ndim(x) >= 2, tree)
+
+
+def make_optimizer(optim_cfg, labels: Mapping[tuple[str, ...], str | None],
+                   total_steps: int) -> tuple[optax.GradientTransformation, dict]:
+  """(optimizer over the trainable subtree, {schedule name: schedule})."""
+  used = sorted({l for l in labels.values() if l is not FROZEN})
+  if not used:
+    raise ValueError("config.optim.param_groups freezes every parameter: nothing would train")
+  missing = [u for u in used if u not in optim_cfg.schedules]
+  if missing:
+    raise ValueError(f"config.optim.param_groups names schedule(s) {missing} not defined in "
+                     f"config.optim.schedules (which has {sorted(optim_cfg.schedules)})")
+  schedules = {name: make_schedule(optim_cfg.schedules[name], total_steps) for name in used}
+  transforms = {
+      name: optax.adamw(schedules[name], b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                        weight_decay=optim_cfg.weight_decay, mask=_decay_mask)
+      for name in used}
+  trainable_labels = traverse_util.unflatten_dict(
+      {k: v for k, v in labels.items() if v is not FROZEN})
+  tx = optax.multi_transform(transforms, trainable_labels)
+  if optim_cfg.clip_grad_norm:
+    tx = optax.chain(optax.clip_by_global_norm(optim_cfg.clip_grad_norm), tx)
+  return tx, schedules

@@ -1,0 +1,194 @@
+r"""Trains a projector between a frozen video encoder and a frozen LLM.
+
+  python -m vsrllm_jax.train --config=configs/contrastive.py --workdir=/tmp/vsr_run
+
+Overrides: ``--config=configs/mlp.py:seed=1`` (config args) and
+``--config.total_steps=50`` (any key). Restarting the same command resumes
+from the workdir's latest checkpoint with the same data order; SIGTERM saves a
+checkpoint and exits cleanly. Outputs: checkpoints/, best/, metrics.jsonl,
+tensorboard/, config.json, run_info.json.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+import jax
+import numpy as np
+
+from vsrllm_jax import checkpoint, evaluation, optim, resolve, sharding, train_state, train_step
+from vsrllm_jax import workdir as workdir_lib
+from vsrllm_jax.data import pipeline
+from vsrllm_jax.models import build as build_lib
+from vsrllm_jax.models import llm as llm_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and config go.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() (multi-host; its settings come "
+    "from the environment).")
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("signal %d: saving a checkpoint after this step, then exiting", signum)
+    self.requested = True
+
+
+def _check_batch(config, mesh) -> None:
+  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  for key in ("batch_size", "eval_batch_size"):
+    if config[key] % data_parallel:
+      raise ValueError(f"config.{key}={config[key]} is not divisible by the {data_parallel} "
+                       "data-parallel devices (mesh data x fsdp)")
+
+
+def _eval_batches(config, tok, split, max_batches=-1):
+  return pipeline.eval_batches(config.data, tok, split, global_batch_size=config.eval_batch_size,
+                               max_batches=max_batches)
+
+
+def _write_decodes(workdir: str, split: str, rows) -> None:
+  if jax.process_index() != 0:
+    return
+  import json  # pylint: disable=g-import-not-at-top
+  out_dir = os.path.join(workdir, "decode")
+  os.makedirs(out_dir, exist_ok=True)
+  tmp = os.path.join(out_dir, f"{split}.jsonl.tmp")
+  with open(tmp, "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+  os.replace(tmp, os.path.join(out_dir, f"{split}.jsonl"))
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """The whole run: train, validate, checkpoint, then test on the best checkpoint."""
+  from vsrllm_jax import metric_writers  # pylint: disable=g-import-not-at-top
+  config, tok = resolve.resolve_config(config)
+  mesh = sharding.make_mesh(config.mesh.shape)
+  _check_batch(config, mesh)
+  workdir_lib.write_run_info(workdir, config)
+  logging.info("mesh %s on %d devices", dict(mesh.shape), mesh.size)
+
+  model = build_lib.build_model(config)
+  schedules = {}
+
+  def tx_factory(labels):
+    tx, sched = optim.make_optimizer(config.optim, labels, config.total_steps)
+    schedules.update(sched)
+    return tx
+
+  pretrained = None
+  if config.llm.path:
+    _, pretrained = llm_lib.from_pretrained(config.llm.path, dtype=config.dtype,
+                                            param_dtype=config.param_dtype)
+  state, state_shardings, labels, tx = train_state.create(model, config, mesh, tx_factory,
+                                                          pretrained_llm_params=pretrained)
+  ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
+  data_iter = iter(pipeline.make_train_loader(config.data, tok,
+                                              global_batch_size=config.batch_size,
+                                              seed=config.seed))
+  start = ckpts.latest_step()
+  checkpoint.log_resume(start, workdir)
+  if start is not None:
+    state, _ = ckpts.restore(start, checkpoint.abstract_like(state), data_iter)
+  start = int(start or 0)
+
+  step_fn = train_step.make_train_step(model, tx, labels, config, schedules, state_shardings, mesh)
+  predict = train_step.make_predict_fn(model, config, eos_id=tok.eos_token_id,
+                                       pad_id=tok.pad_token_id)
+  writer = metric_writers.MetricWriter(workdir, is_main=jax.process_index() == 0)
+  progress = metric_writers.Progress(config.total_steps, start)
+  preemption = _Preemption()
+  pending = []  # on-device metrics since the last log step
+
+  def validate(step):
+    rates, _ = evaluation.evaluate(predict, state.params, state.model_state,
+                                   _eval_batches(config, tok, "validation",
+                                                 config.max_eval_batches),
+                                   mesh, tok, eos_id=tok.eos_token_id)
+    writer.write_scalars(step, {"val/wer": rates["wer"], "val/cer": rates["cer"]})
+    if ckpts.save_best(step, state, rates["wer"]):
+      logging.info("step %d: new best val/wer %.4f", step, rates["wer"])
+
+  for step in range(start, config.total_steps):
+    batch = next(data_iter)
+    state, metrics = step_fn(state, sharding.global_batch(train_step.model_inputs(batch), mesh))
+    pending.append(metrics)
+    done = step + 1
+    if done % config.log_every == 0 or done == config.total_steps:
+      fetched = jax.device_get(pending)
+      pending = []
+      summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+      summary.update(progress(done))
+      summary["data/skipped_records"] = pipeline.skipped_count()
+      writer.write_scalars(done, summary)
+    if done % config.eval_every == 0 or done == config.total_steps:
+      validate(done)
+    if done % config.checkpoint_every == 0 or done == config.total_steps or preemption.requested:
+      ckpts.save(done, state, data_iter)
+    if preemption.requested:
+      writer.flush()
+      ckpts.close()
+      logging.warning("checkpoint saved at step %d after SIGTERM; exiting", done)
+      return {"preempted_at": done}
+
+  # Final evaluation on the best checkpoint (by validation WER).
+  best_step = ckpts.best.best_step()
+  params, model_state = state.params, state.model_state
+  if best_step is not None:
+    best_state, _ = ckpts.restore(best_step, checkpoint.abstract_like(state), best=True)
+    params, model_state = best_state.params, best_state.model_state
+  rates, rows = evaluation.evaluate(predict, params, model_state,
+                                    _eval_batches(config, tok, "test"), mesh, tok,
+                                    eos_id=tok.eos_token_id)
+  writer.write_scalars(config.total_steps, {"test/wer": rates["wer"], "test/cer": rates["cer"],
+                                            "test/best_step": best_step or config.total_steps})
+  _write_decodes(workdir, "test", rows)
+  logging.info("test (best step %s): WER %.4f, CER %.4f over %d clips", best_step, rates["wer"],
+               rates["cer"], rates["num_examples"])
+  writer.flush()
+  writer.close()
+  ckpts.close()
+  return {"test/wer": rates["wer"], "test/cer": rates["cer"]}
+
+
+class _QuietLibraries(logging.Filter):
+  """Keeps orbax/grain INFO chatter out of the run log (warnings still pass)."""
+
+  def filter(self, record):
+    noisy = ("/orbax/" in record.pathname or "/grain/" in record.pathname)
+    return record.levelno >= logging.WARNING or not noisy
+
+
+def main(argv):
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_QuietLibraries())
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  if _WORKDIR.value is None or _CONFIG.value is None:
+    raise app.UsageError("--config and --workdir are required")
+  t0 = time.time()
+  result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  logging.info("done in %.1f s: %s", time.time() - t0, result)
+  print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()},
+        file=sys.stderr)
+
+
+if __name__ == "__main__":
+  app.run(main)

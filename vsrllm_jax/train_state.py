@@ -1,0 +1,106 @@
+"""The training state and its creation straight into its shardings.
+
+Shapes and placement are decided before any parameter exists
+(``jax.eval_shape`` -> logical axis names -> ``NamedSharding``), then one jitted
+init writes every parameter directly into its shard.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vsrllm_jax import optim, sharding
+from vsrllm_jax.models.vsr_model import VSRModel
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array        # int32 scalar
+  params: Any            # the whole model: encoder, projector, llm
+  opt_state: Any         # over the trainable subtree only
+  model_state: Any       # non-trainable collections (batch_stats)
+
+
+def dummy_batch(config, batch_size: int = 1) -> dict[str, jax.Array]:
+  """Zeros with the shapes of one batch; used for init and shape checks."""
+  d = config.data
+  return dict(
+      video=jnp.zeros((batch_size, d.max_frames, d.image_size, d.image_size, 1), jnp.uint8),
+      video_mask=jnp.ones((batch_size, d.max_frames), bool),
+      instruction_ids=jnp.zeros((batch_size, d.max_instruction_tokens), jnp.int32),
+      instruction_mask=jnp.ones((batch_size, d.max_instruction_tokens), bool),
+      label_ids=jnp.zeros((batch_size, d.max_label_tokens), jnp.int32),
+      label_mask=jnp.ones((batch_size, d.max_label_tokens), bool),
+  )
+
+
+def _init_variables(model: VSRModel, config, rng):
+  return model.init({"params": rng, "dropout": rng}, dummy_batch(config), train=False)
+
+
+def _label_tree(labels):
+  return flax.traverse_util.unflatten_dict(labels)
+
+
+def create(model: VSRModel, config, mesh, tx_factory, *, pretrained_llm_params=None):
+  """Returns (state, state_shardings, param_labels, tx).
+
+  ``tx_factory(labels) -> optax transform`` builds the optimizer once labels
+  are known. ``pretrained_llm_params`` (host arrays) replace the random LLM.
+  """
+  rng = jax.random.key(config.seed)
+  abstract = jax.eval_shape(lambda r: _init_variables(model, config, r), rng)
+  param_shardings = sharding.logical_shardings(abstract["params"], mesh, config.sharding_rules)
+  other = {k: v for k, v in abstract.items() if k != "params"}
+  other_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), other)
+
+  unboxed = nn.meta.unbox(abstract["params"])
+  labels = optim.label_params(unboxed, config.optim.param_groups)
+  tx = tx_factory(labels)
+
+  def init(r):
+    variables = nn.meta.unbox(_init_variables(model, config, r))
+    params = variables.pop("params")
+    return params, variables
+
+  params, model_state = jax.jit(init, out_shardings=(param_shardings, other_shardings))(rng)
+  if pretrained_llm_params is not None:
+    params = dict(params)
+    params["llm"] = load_into_shardings(pretrained_llm_params, param_shardings["llm"], "llm")
+
+  trainable, _ = optim.split(params, labels)
+  trainable_shardings, _ = optim.split(param_shardings, labels)
+  abstract_opt = jax.eval_shape(tx.init, trainable)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, trainable_shardings,
+      transform_non_params=lambda _: sharding.replicated(mesh))
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
+  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh)),
+                     params=params, opt_state=opt_state, model_state=model_state)
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  _log_sizes(params, labels)
+  return state, state_shardings, labels, tx
+
+
+def load_into_shardings(host_tree, shardings, what: str):
+  """Places host arrays straight into their shardings, checking the tree matches."""
+  want = jax.tree.structure(shardings)
+  got = jax.tree.structure(host_tree)
+  if want != got:
+    raise ValueError(f"pretrained {what} params do not match the model's tree:\n"
+                     f"model: {want}\ncheckpoint: {got}")
+  return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), host_tree, shardings)
+
+
+def _log_sizes(params, labels) -> None:
+  flat = flax.traverse_util.flatten_dict(params)
+  total = sum(int(np.prod(v.shape)) for v in flat.values())
+  train = sum(int(np.prod(v.shape)) for k, v in flat.items() if labels[k] is not optim.FROZEN)
+  logging.info("params: %d total, %d trainable (%.2f%%)", total, train, 100 * train / max(total, 1))

@@ -1,0 +1,101 @@
+"""The jitted train step and the jitted greedy predictor.
+
+Gradients are taken with respect to the trainable subtree only; frozen params
+enter through ``jax.lax.stop_gradient``, so XLA never computes their
+gradients, and the gradient norm is over trainable grads alone. The rng of a
+step is ``fold_in(seed, step)``, so a resumed run draws the same randomness.
+Metrics stay on device; the loop fetches them at log steps.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import optax
+
+from vsrllm_jax import losses, optim, sharding
+from vsrllm_jax.models import generation
+from vsrllm_jax.models.llm import LlamaModel
+from vsrllm_jax.models.vsr_model import VSRModel
+from vsrllm_jax.train_state import TrainState
+
+TRAIN_KEYS = ("video", "video_mask", "features", "features_mask", "instruction_ids",
+              "instruction_mask", "label_ids", "label_mask", "cluster_counts", "example_mask")
+
+
+def model_inputs(batch: dict) -> dict:
+  """The numeric fields the model reads (ids and texts stay on the host)."""
+  return {k: v for k, v in batch.items() if k in TRAIN_KEYS}
+
+
+def compute_losses(model: VSRModel, params, model_state, batch, *, train: bool, rng=None):
+  """Named losses (unweighted) and extra metrics for one batch."""
+  rngs = {"dropout": rng} if rng is not None else {}
+  out = model.apply({"params": params, **model_state}, batch, train=train, rngs=rngs)
+  label_mask = batch["label_mask"].astype(bool)
+  if "example_mask" in batch:
+    label_mask = label_mask & batch["example_mask"][:, None].astype(bool)
+  named = {"lm": losses.lm_cross_entropy(out["logits"], batch["label_ids"], label_mask)}
+  named.update(out["projector"].aux_losses)
+  extra = {"token_accuracy": losses.token_accuracy(out["logits"], batch["label_ids"], label_mask)}
+  return named, extra
+
+
+def make_train_step(model: VSRModel, tx: optax.GradientTransformation, labels, config,
+                    schedules: dict[str, Callable], state_shardings, mesh) -> Callable:
+  """A jitted ``step(state, batch) -> (state, metrics)`` with the state donated."""
+  weights = dict(config.loss_weights)
+  seed = config.seed
+
+  def step(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    trainable, frozen = optim.split(state.params, labels)
+    frozen = jax.lax.stop_gradient(frozen)
+
+    def loss_fn(trainable):
+      params = optim.merge(trainable, frozen)
+      named, extra = compute_losses(model, params, state.model_state, batch, train=True, rng=rng)
+      return losses.weighted_total(named, weights), (named, extra)
+
+    (total, (named, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics = {"train/loss": total, "train/grad_norm": optax.global_norm(grads),
+               "train/token_accuracy": extra["token_accuracy"]}
+    metrics.update({f"train/{k}": v for k, v in named.items()})
+    metrics.update({f"train/lr_{k}": fn(state.step) for k, fn in schedules.items()})
+    new_state = state.replace(step=state.step + 1, params=optim.merge(trainable, frozen),
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  # Batch shardings come with the global batch arrays (sharding.global_batch).
+  return jax.jit(step, donate_argnums=(0,),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)))
+
+
+def make_predict_fn(model: VSRModel, config, *, eos_id: int, pad_id: int) -> Callable:
+  """A jitted ``predict(params, model_state, batch) -> tokens [B, max_new_tokens]``.
+
+  Greedy decoding with a KV cache sized once; compiled once per batch shape.
+  """
+  llm = LlamaModel(model.llm_config)
+  max_new = config.decode.max_new_tokens
+
+  def predict(params, model_state, batch):
+    embeds, mask, _ = model.apply({"params": params, **model_state}, batch, train=False,
+                                  method=VSRModel.prompt)
+    return generation.greedy_generate(llm, params["llm"], embeds, mask, max_new_tokens=max_new,
+                                      eos_id=eos_id, pad_id=pad_id)
+
+  return jax.jit(predict)
+
+
+def make_eval_loss_fn(model: VSRModel, config) -> Callable:
+  """A jitted teacher-forced ``(params, model_state, batch) -> named losses``."""
+  del config
+
+  def eval_losses(params, model_state, batch: dict[str, Any]):
+    named, extra = compute_losses(model, params, model_state, batch, train=False)
+    return {**named, **extra}
+
+  return jax.jit(eval_losses)
