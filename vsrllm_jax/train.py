@@ -97,6 +97,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                                             param_dtype=config.param_dtype)
   state, state_shardings, labels, tx = train_state.create(model, config, mesh, tx_factory,
                                                           pretrained_llm_params=pretrained)
+  train_step.check_loss_weights(model, state, config,
+                                train_state.dummy_batch(config, config.batch_size))
   ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
   data_iter = iter(pipeline.make_train_loader(config.data, tok,
                                               global_batch_size=config.batch_size,

@@ -41,6 +41,15 @@ def compute_losses(model: VSRModel, params, model_state, batch, *, train: bool, 
   return named, extra
 
 
+def check_loss_weights(model: VSRModel, state: TrainState, config, batch) -> list[str]:
+  """Fails before training unless config.loss_weights names exactly the produced losses."""
+  named, _ = jax.eval_shape(
+      lambda p, s, b: compute_losses(model, p, s, b, train=True, rng=jax.random.key(0)),
+      state.params, state.model_state, batch)
+  losses.check_loss_names(named.keys(), dict(config.loss_weights))
+  return sorted(named)
+
+
 def make_train_step(model: VSRModel, tx: optax.GradientTransformation, labels, config,
                     schedules: dict[str, Callable], state_shardings, mesh) -> Callable:
   """A jitted ``step(state, batch) -> (state, metrics)`` with the state donated."""

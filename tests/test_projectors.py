@@ -1,0 +1,57 @@
+"""The projector registry and the loss-weight checks of a run."""
+import jax
+import numpy as np
+import pytest
+
+from tests.tiny import tiny_config
+from tests.test_train_step import make
+from vsrllm_jax import sharding, train_state, train_step
+from vsrllm_jax.models import build as build_lib
+from vsrllm_jax.models import projectors
+
+
+def test_unknown_projector_lists_the_registry():
+  with pytest.raises(ValueError) as e:
+    projectors.build("qformerr", {"output_dim": 8})
+  for name in ("linear", "mlp", "multiscale_contrastive"):
+    assert name in str(e.value)
+
+
+def test_unknown_projector_field_lists_valid_fields():
+  with pytest.raises(ValueError, match=r"no field\(s\) \['dept'\].*'depth'"):
+    projectors.build("mlp", {"output_dim": 8, "dept": 2})
+
+
+@pytest.mark.parametrize("name", ["linear", "mlp", "multiscale_contrastive"])
+def test_projector_interface(name):
+  module = projectors.build(name, {"output_dim": 16, "name": name})
+  feats = np.random.default_rng(0).normal(size=(4, 10, 12)).astype(np.float32)
+  mask = np.arange(10)[None] < np.array([10, 7, 4, 9])[:, None]
+  variables = module.init(jax.random.key(0), feats, mask, train=False)
+  out = module.apply(variables, feats, mask, train=False)
+  assert out.tokens.ndim == 3 and out.tokens.shape[0] == 4 and out.tokens.shape[2] == 16
+  assert out.mask.shape == out.tokens.shape[:2]
+  if module.sequence_preserving:
+    assert out.tokens.shape[1] == 10
+    np.testing.assert_array_equal(out.mask, mask)
+  for v in out.aux_losses.values():
+    assert np.isfinite(float(v))
+
+
+def test_loss_weights_must_match_produced_losses():
+  config = tiny_config("multiscale_contrastive")
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  state, _, _ = make(config, mesh)
+  model = build_lib.build_model(config)
+  batch = train_state.dummy_batch(config, 2)
+  assert train_step.check_loss_weights(model, state, config, batch) == ["contrastive", "lm"]
+  with config.unlocked():
+    config.loss_weights.routing = 0.1
+  with pytest.raises(ValueError, match="routing.*which no part of the model produces"):
+    train_step.check_loss_weights(model, state, config, batch)
+  with config.unlocked():
+    del config.loss_weights["routing"]
+    del config.loss_weights["contrastive"]
+  with pytest.raises(ValueError, match="contrastive.*no weight"):
+    train_step.check_loss_weights(model, state, config, batch)
+
