@@ -1,0 +1,71 @@
+r"""Times the jitted train step of a config on synthetic batches (no data set needed).
+
+  python benchmarks/train_step_time.py --config=configs/contrastive.py --steps=10
+
+Prints JSON: compile time, and the median / min step time over --steps steps
+after --warmup steps. Uses random batches of the config's shapes, so it
+measures the model and optimizer, not the input pipeline.
+"""
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import jax  # noqa: E402
+
+from tests.tiny import random_batch  # noqa: E402
+from vsrllm_jax import optim, sharding, train_state, train_step  # noqa: E402
+from vsrllm_jax.models import build as build_lib  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/contrastive.py", "Config file.",
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_VOCAB = flags.DEFINE_integer("vocab_size", 64, "LLM vocabulary when the config leaves it to "
+                              "the tokenizer.")
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  with config.unlocked():
+    if not config.llm.path and config.llm.vocab_size <= 0:
+      config.llm.vocab_size = _VOCAB.value
+  mesh = sharding.make_mesh(config.mesh.shape)
+  model = build_lib.build_model(config)
+  schedules = {}
+
+  def tx_factory(labels):
+    tx, sched = optim.make_optimizer(config.optim, labels, config.total_steps)
+    schedules.update(sched)
+    return tx
+
+  state, shardings, labels, tx = train_state.create(model, config, mesh, tx_factory)
+  step = train_step.make_train_step(model, tx, labels, config, schedules, shardings, mesh)
+  batch = sharding.global_batch(random_batch(config, config.batch_size), mesh)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  for _ in range(_WARMUP.value):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(_STEPS.value):
+    t = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  print(json.dumps({"config": config.projector.name, "batch_size": config.batch_size,
+                    "devices": len(jax.devices()), "compile_s": round(compile_s, 2),
+                    "median_step_ms": round(statistics.median(times) * 1e3, 2),
+                    "min_step_ms": round(min(times) * 1e3, 2)}))
+
+
+if __name__ == "__main__":
+  app.run(main)
