@@ -136,7 +136,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       pending = []
       summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
       summary.update(progress(done))
-      summary["data/skipped_records"] = pipeline.skipped_count()
+      summary["data/skipped_records"] = pipeline.skipped_record_count()
       writer.write_scalars(done, summary)
     if done % config.eval_every == 0 or done == config.total_steps:
       validate(done)

@@ -43,9 +43,6 @@ def skipped_record_count() -> int:
   return _skipped
 
 
-skipped_count = skipped_record_count  # the name train.py uses
-
-
 def reset_skipped_record_count() -> None:
   global _skipped
   with _skip_lock:
