@@ -81,6 +81,11 @@ def get_base_config() -> ConfigDict:
       max_instruction_tokens=16,
       max_label_tokens=12,       # transcript tokens + EOS
       worker_count=0,            # grain worker processes (0 = in-process)
+      # Train on frozen-encoder features computed once (eval-style preprocessing,
+      # one copy per clip) and cached under data_dir/feature_cache/<key>; the key
+      # covers encoder weights, data spec and preprocessing. False: run the
+      # encoder in every step.
+      cache_features=True,
   ))
 
   c.encoder = ConfigDict(dict(

@@ -97,3 +97,13 @@ def test_deduplication_averages_runs_per_sample():
   np.testing.assert_allclose(out[0, :2, 0], [0.5, 3.0])
   np.testing.assert_allclose(out[1, :4, 0], [5, 6, 7, 8.5])
   np.testing.assert_array_equal(out_mask, [[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+
+
+def test_cached_features_give_the_same_logits_as_video(setup):
+  _, model, variables, batch, apply = setup
+  from vsrllm_jax.models.vsr_model import VSRModel
+  feats, mask = jax.jit(lambda v, b: model.apply(v, b, method=VSRModel.encode))(variables, batch)
+  cached = {k: v for k, v in batch.items() if k not in ("video", "video_mask")}
+  cached.update(features=np.asarray(feats), features_mask=np.asarray(mask))
+  np.testing.assert_allclose(np.asarray(apply(variables, cached)),
+                             np.asarray(apply(variables, batch)), atol=1e-5, rtol=1e-5)

@@ -92,18 +92,18 @@ def runs(tmp_path_factory):
   code, err = _start_and_signal(b, data_dir, 8, signal.SIGTERM)
   sigterm = dict(code=code, err=err, latest=checkpoint.Checkpoints(b, keep=3).latest_step())
   _run(b, data_dir)
-  return a, b, killed_at, sigterm
+  return a, b, killed_at, sigterm, data_dir
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(runs):
-  _, _, _, sigterm = runs
+  _, _, _, sigterm, _ = runs
   assert sigterm["code"] == 0, sigterm["err"][-2000:]
   assert "after SIGTERM" in sigterm["err"]
   assert sigterm["latest"] is not None and sigterm["latest"] >= 8
 
 
 def test_resume_after_sigkill_is_bitwise_exact(runs):
-  a, b, killed_at, _ = runs
+  a, b, killed_at, _, _ = runs
   assert killed_at is not None and 4 <= killed_at < STEPS
   pa, pb = dict(_leaves(_params(a, STEPS))), dict(_leaves(_params(b, STEPS)))
   assert pa.keys() == pb.keys()
@@ -115,7 +115,7 @@ def test_resume_after_sigkill_is_bitwise_exact(runs):
 
 
 def test_run_writes_config_metrics_and_test_scores(runs):
-  a, _, _, _ = runs
+  a, _, _, _, _ = runs
   with open(os.path.join(a, "config.json")) as f:
     cfg = json.load(f)
   assert cfg["llm"]["vocab_size"] > 0 and cfg["data"]["data_dir"]
@@ -127,3 +127,16 @@ def test_run_writes_config_metrics_and_test_scores(runs):
   assert {"train/loss", "train/lm", "val/wer", "val/cer", "test/wer", "test/cer"} <= keys
   assert os.path.exists(os.path.join(a, "decode", "test.jsonl"))
   assert os.listdir(os.path.join(a, checkpoint.BEST_DIR))
+
+
+def test_decode_reproduces_the_test_wer_of_training(runs):
+  a, _, _, _, data_dir = runs
+  proc = subprocess.run([sys.executable, "-m", "vsrllm_jax.decode", f"--workdir={a}"], cwd=REPO,
+                        env=_env(data_dir), capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  decoded = json.loads(proc.stdout[proc.stdout.index("{"):])
+  final = [json.loads(l) for l in open(os.path.join(a, "metrics.jsonl")) if "test/wer" in l][-1]
+  assert decoded["wer"] == final["test/wer"] and decoded["cer"] == final["test/cer"]
+  rows = [json.loads(l) for l in open(os.path.join(a, "decode", "test.jsonl"))]
+  assert rows and set(rows[0]) == {"id", "reference", "hypothesis"}

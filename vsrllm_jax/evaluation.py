@@ -7,6 +7,8 @@ scoring. WER and CER are corpus-level: total edits over total reference words
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 import string
 from typing import Any, Callable, Iterable
@@ -69,3 +71,42 @@ def evaluate(predict: Callable, params, model_state, batches: Iterable[dict], me
   rates = error_rates([r["reference"] for r in rows], [r["hypothesis"] for r in rows])
   rates["num_examples"] = len(rows)
   return rates, rows
+
+
+def slot_accuracy(rows: list[dict[str, Any]], slot_names=None) -> dict[str, float]:
+  """Per reference word position (GRID slot), the fraction aligned as correct.
+
+  Uses jiwer's word alignment of each (normalised) reference and hypothesis,
+  so an inserted or deleted word does not shift the slots after it.
+  """
+  if slot_names is None:
+    from vsrllm_jax.data import grid_grammar  # pylint: disable=g-import-not-at-top
+    slot_names = grid_grammar.SLOT_NAMES
+  hits = np.zeros(len(slot_names))
+  totals = np.zeros(len(slot_names))
+  for row in rows:
+    ref, hyp = normalize_text(row["reference"]), normalize_text(row["hypothesis"])
+    if not ref:
+      continue
+    correct = np.zeros(len(ref.split()), bool)
+    if hyp:
+      for chunk in jiwer.process_words(ref, hyp).alignments[0]:
+        if chunk.type == "equal":
+          correct[chunk.ref_start_idx:chunk.ref_end_idx] = True
+    n = min(len(correct), len(slot_names))
+    hits[:n] += correct[:n]
+    totals[:n] += 1
+  return {name: float(hits[i] / totals[i]) for i, name in enumerate(slot_names) if totals[i]}
+
+
+def write_decodes(workdir: str, split: str, rows: list[dict[str, Any]]) -> str:
+  """Writes ``workdir/decode/<split>.jsonl`` atomically (process 0); returns the path."""
+  path = os.path.join(workdir, "decode", f"{split}.jsonl")
+  if jax.process_index() != 0:
+    return path
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+  os.replace(path + ".tmp", path)
+  return path

@@ -11,7 +11,6 @@ tensorboard/, config.json, run_info.json.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import time
@@ -22,11 +21,9 @@ from ml_collections import config_flags
 import jax
 import numpy as np
 
-from vsrllm_jax import checkpoint, evaluation, optim, resolve, sharding, train_state, train_step
+from vsrllm_jax import checkpoint, evaluation, experiment, sharding, train_step
 from vsrllm_jax import workdir as workdir_lib
 from vsrllm_jax.data import pipeline
-from vsrllm_jax.models import build as build_lib
-from vsrllm_jax.models import llm as llm_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and config go.")
@@ -48,70 +45,23 @@ class _Preemption:
     self.requested = True
 
 
-def _check_batch(config, mesh) -> None:
-  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-  for key in ("batch_size", "eval_batch_size"):
-    if config[key] % data_parallel:
-      raise ValueError(f"config.{key}={config[key]} is not divisible by the {data_parallel} "
-                       "data-parallel devices (mesh data x fsdp)")
-
-
-def _eval_batches(config, tok, split, max_batches=-1):
-  return pipeline.eval_batches(config.data, tok, split, global_batch_size=config.eval_batch_size,
-                               max_batches=max_batches)
-
-
-def _write_decodes(workdir: str, split: str, rows) -> None:
-  if jax.process_index() != 0:
-    return
-  import json  # pylint: disable=g-import-not-at-top
-  out_dir = os.path.join(workdir, "decode")
-  os.makedirs(out_dir, exist_ok=True)
-  tmp = os.path.join(out_dir, f"{split}.jsonl.tmp")
-  with open(tmp, "w") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
-  os.replace(tmp, os.path.join(out_dir, f"{split}.jsonl"))
-
-
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """The whole run: train, validate, checkpoint, then test on the best checkpoint."""
   from vsrllm_jax import metric_writers  # pylint: disable=g-import-not-at-top
-  config, tok = resolve.resolve_config(config)
-  mesh = sharding.make_mesh(config.mesh.shape)
-  _check_batch(config, mesh)
+  exp = experiment.Experiment(config)
+  config, tok, mesh = exp.config, exp.tokenizer, exp.mesh
   workdir_lib.write_run_info(workdir, config)
-  logging.info("mesh %s on %d devices", dict(mesh.shape), mesh.size)
-
-  model = build_lib.build_model(config)
-  schedules = {}
-
-  def tx_factory(labels):
-    tx, sched = optim.make_optimizer(config.optim, labels, config.total_steps)
-    schedules.update(sched)
-    return tx
-
-  pretrained = None
-  if config.llm.path:
-    _, pretrained = llm_lib.from_pretrained(config.llm.path, dtype=config.dtype,
-                                            param_dtype=config.param_dtype)
-  state, state_shardings, labels, tx = train_state.create(model, config, mesh, tx_factory,
-                                                          pretrained_llm_params=pretrained)
-  train_step.check_loss_weights(model, state, config,
-                                train_state.dummy_batch(config, config.batch_size))
+  state = exp.state
   ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
-  data_iter = iter(pipeline.make_train_loader(config.data, tok,
-                                              global_batch_size=config.batch_size,
-                                              seed=config.seed))
+  data_iter = iter(exp.train_loader())
   start = ckpts.latest_step()
   checkpoint.log_resume(start, workdir)
   if start is not None:
     state, _ = ckpts.restore(start, checkpoint.abstract_like(state), data_iter)
   start = int(start or 0)
 
-  step_fn = train_step.make_train_step(model, tx, labels, config, schedules, state_shardings, mesh)
-  predict = train_step.make_predict_fn(model, config, eos_id=tok.eos_token_id,
-                                       pad_id=tok.pad_token_id)
+  step_fn = exp.train_step_fn()
+  predict = exp.predict_fn()
   writer = metric_writers.MetricWriter(workdir, is_main=jax.process_index() == 0)
   progress = metric_writers.Progress(config.total_steps, start)
   preemption = _Preemption()
@@ -119,8 +69,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   def validate(step):
     rates, _ = evaluation.evaluate(predict, state.params, state.model_state,
-                                   _eval_batches(config, tok, "validation",
-                                                 config.max_eval_batches),
+                                   exp.eval_batches("validation", config.max_eval_batches),
                                    mesh, tok, eos_id=tok.eos_token_id)
     writer.write_scalars(step, {"val/wer": rates["wer"], "val/cer": rates["cer"]})
     if ckpts.save_best(step, state, rates["wer"]):
@@ -154,12 +103,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if best_step is not None:
     best_state, _ = ckpts.restore(best_step, checkpoint.abstract_like(state), best=True)
     params, model_state = best_state.params, best_state.model_state
-  rates, rows = evaluation.evaluate(predict, params, model_state,
-                                    _eval_batches(config, tok, "test"), mesh, tok,
-                                    eos_id=tok.eos_token_id)
+  rates, rows = evaluation.evaluate(predict, params, model_state, exp.eval_batches("test"), mesh,
+                                    tok, eos_id=tok.eos_token_id)
+  slots = evaluation.slot_accuracy(rows)
   writer.write_scalars(config.total_steps, {"test/wer": rates["wer"], "test/cer": rates["cer"],
-                                            "test/best_step": best_step or config.total_steps})
-  _write_decodes(workdir, "test", rows)
+                                            "test/best_step": best_step or config.total_steps,
+                                            **{f"test/slot_accuracy/{k}": v
+                                               for k, v in slots.items()}})
+  evaluation.write_decodes(workdir, "test", rows)
   logging.info("test (best step %s): WER %.4f, CER %.4f over %d clips", best_step, rates["wer"],
                rates["cer"], rates["num_examples"])
   writer.flush()

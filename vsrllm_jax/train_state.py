@@ -49,11 +49,15 @@ def _label_tree(labels):
   return flax.traverse_util.unflatten_dict(labels)
 
 
-def create(model: VSRModel, config, mesh, tx_factory, *, pretrained_llm_params=None):
+def create(model: VSRModel, config, mesh, tx_factory, *, pretrained_params=None,
+           pretrained_model_state=None):
   """Returns (state, state_shardings, param_labels, tx).
 
   ``tx_factory(labels) -> optax transform`` builds the optimizer once labels
-  are known. ``pretrained_llm_params`` (host arrays) replace the random LLM.
+  are known. ``pretrained_params`` ({'llm': tree, 'encoder': tree}, host
+  arrays) and ``pretrained_model_state`` ({'batch_stats': {'encoder': tree}})
+  replace the random init of those submodules, placed straight into their
+  shardings.
   """
   rng = jax.random.key(config.seed)
   abstract = jax.eval_shape(lambda r: _init_variables(model, config, r), rng)
@@ -71,9 +75,11 @@ def create(model: VSRModel, config, mesh, tx_factory, *, pretrained_llm_params=N
     return params, variables
 
   params, model_state = jax.jit(init, out_shardings=(param_shardings, other_shardings))(rng)
-  if pretrained_llm_params is not None:
-    params = dict(params)
-    params["llm"] = load_into_shardings(pretrained_llm_params, param_shardings["llm"], "llm")
+  params = _replace(params, pretrained_params, param_shardings, "params")
+  for collection, trees in (pretrained_model_state or {}).items():
+    model_state = dict(model_state)
+    model_state[collection] = _replace(model_state[collection], trees,
+                                       other_shardings[collection], collection)
 
   trainable, _ = optim.split(params, labels)
   trainable_shardings, _ = optim.split(param_shardings, labels)
@@ -87,6 +93,15 @@ def create(model: VSRModel, config, mesh, tx_factory, *, pretrained_llm_params=N
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   _log_sizes(params, labels)
   return state, state_shardings, labels, tx
+
+
+def _replace(tree, pretrained, shardings, what):
+  if not pretrained:
+    return tree
+  tree = dict(tree)
+  for name, host_tree in pretrained.items():
+    tree[name] = load_into_shardings(host_tree, shardings[name], f"{what}/{name}")
+  return tree
 
 
 def load_into_shardings(host_tree, shardings, what: str):

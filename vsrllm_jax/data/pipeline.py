@@ -11,6 +11,9 @@ A batch is a dict of numpy arrays (B = per-process batch):
                    a corrupt eval record); fillers keep the instruction, have
                    no video and no label tokens
   id, text         object [B] of Python str ('' for fillers)
+From a source of cached encoder features (``feature_cache``), ``video`` and
+``video_mask`` are replaced by ``features`` float32 [B, max_frames, D] and
+``features_mask``.
 Training reads through grain (deterministic, checkpointable iterator state);
 evaluation is a plain iterator over the split in record order. A corrupt
 record is skipped, counted (``skipped_record_count()``) and logged.
@@ -87,7 +90,8 @@ def _as_str(value) -> str:
 class _Encoder:
   """Record -> padded, tokenized example. None for a corrupt record."""
 
-  def __init__(self, data_cfg, tokenizer):
+  def __init__(self, data_cfg, tokenizer, feature_dim: int | None = None):
+    self.feature_dim = feature_dim   # None: records hold video; else cached features
     self.max_frames = int(data_cfg.max_frames)
     size = int(data_cfg.image_size)
     self.frame_shape = (size, size, 1)
@@ -141,7 +145,10 @@ class _Encoder:
     except (KeyError, TypeError, UnicodeDecodeError) as e:
       _skip(index, None, f"bad id/text: {e!r}")
       return None
-    video = self._video(index, record_id, record)
+    if self.feature_dim is None:
+      video = self._video(index, record_id, record)
+    else:
+      video = self._features(index, record_id, record)
     if video is None:
       return None
     label = self._tokens(text) + [self.eos_id]
@@ -150,11 +157,10 @@ class _Encoder:
                        f"tokens > data.max_label_tokens={self.max_label}; raise "
                        "data.max_label_tokens")
     label_ids, label_mask = self._pad(label, self.max_label)
-    padded = np.zeros((self.max_frames,) + self.frame_shape, np.uint8)  # [T_max, H, W, 1]
+    padded = np.zeros((self.max_frames,) + video.shape[1:], video.dtype)  # [T_max, ...]
     padded[:video.shape[0]] = video
     return {
-        "video": padded,
-        "video_mask": np.arange(self.max_frames) < video.shape[0],
+        **self._visual(padded, np.arange(self.max_frames) < video.shape[0]),
         "instruction_ids": self.instruction_ids.copy(),
         "instruction_mask": self.instruction_mask.copy(),
         "label_ids": label_ids,
@@ -164,11 +170,29 @@ class _Encoder:
         "text": np.asarray(text, dtype=object),
     }
 
+  def _features(self, index, record_id, record):
+    """Validated cached features [T, D] float32, or None (counted) if malformed."""
+    feats = record.get("features")
+    if (not isinstance(feats, np.ndarray) or feats.ndim != 2 or feats.shape[1] != self.feature_dim
+        or not 1 <= feats.shape[0] <= self.max_frames):
+      _skip(index, record_id, f"cached features {getattr(feats, 'shape', feats)!r}, expected "
+            f"(1..{self.max_frames}, {self.feature_dim})")
+      return None
+    return feats.astype(np.float32)
+
+  def _visual(self, values, mask):
+    if self.feature_dim is None:
+      return {"video": values, "video_mask": mask}
+    return {"features": values, "features_mask": mask}
+
   def filler(self):
     """A row that keeps batch shapes static and counts for nothing."""
+    if self.feature_dim is None:
+      empty = np.zeros((self.max_frames,) + self.frame_shape, np.uint8)
+    else:
+      empty = np.zeros((self.max_frames, self.feature_dim), np.float32)
     return {
-        "video": np.zeros((self.max_frames,) + self.frame_shape, np.uint8),
-        "video_mask": np.zeros((self.max_frames,), bool),
+        **self._visual(empty, np.zeros((self.max_frames,), bool)),
         "instruction_ids": self.instruction_ids.copy(),
         "instruction_mask": self.instruction_mask.copy(),
         "label_ids": np.full((self.max_label,), self.pad_id, np.int32),
@@ -236,13 +260,15 @@ def make_train_loader(data_cfg, tokenizer, *, global_batch_size: int, seed: int,
   ``grain.PyGrainCheckpointSave/Restore``). ``source`` replaces the prepared
   train split (any random-access source of records; for tests).
   """
-  source = _SafeSource(data_source(data_cfg, "train") if source is None else source)
+  source = data_source(data_cfg, "train") if source is None else source
+  feature_dim = getattr(source, "feature_dim", None)
+  source = _SafeSource(source)
   sampler = grain.IndexSampler(
       num_records=len(source),
       shard_options=grain.ShardByJaxProcess(drop_remainder=True),
       shuffle=True, num_epochs=None, seed=int(seed))
   operations = [
-      _EncodeTransform(_Encoder(data_cfg, tokenizer)),
+      _EncodeTransform(_Encoder(data_cfg, tokenizer, feature_dim)),
       _DropCorrupt(),  # before batching, so batches stay full
       grain.Batch(_per_process_batch(global_batch_size), drop_remainder=True),
   ]
@@ -263,8 +289,9 @@ def eval_batches(data_cfg, tokenizer, split: str, *, global_batch_size: int,
   number of batches. Rows past the end of the split, and corrupt records,
   become fillers (``example_mask`` False). ``max_batches`` < 0: the whole split.
   """
-  source = _SafeSource(data_source(data_cfg, split) if source is None else source)
-  encoder = _Encoder(data_cfg, tokenizer)
+  source = data_source(data_cfg, split) if source is None else source
+  encoder = _Encoder(data_cfg, tokenizer, getattr(source, "feature_dim", None))
+  source = _SafeSource(source)
   per_process = _per_process_batch(global_batch_size)
   num_records = len(source)
   num_batches = -(-num_records // global_batch_size)

@@ -26,10 +26,18 @@ def llm_config(config) -> LlmConfig:
   return LlmConfig.from_config_dict(config.llm, config.llm.vocab_size, **dtypes)
 
 
+def encoder_config(config) -> VideoEncoderConfig:
+  """The encoder's shape: from ``encoder.path``'s config.json, else ``config.encoder``."""
+  if config.encoder.path:
+    from vsrllm_jax.models import encoder_io  # pylint: disable=g-import-not-at-top
+    return encoder_io.read_config(config.encoder.path)
+  return VideoEncoderConfig.from_config_dict(config.encoder)
+
+
 def build_model(config) -> VSRModel:
   projector_cfg = dict(config.projector)
   return VSRModel(
-      encoder_config=VideoEncoderConfig.from_config_dict(config.encoder),
+      encoder_config=encoder_config(config),
       projector_config=projector_cfg,
       llm_config=llm_config(config),
       dtype=layers.dtype_from_name(config.dtype),

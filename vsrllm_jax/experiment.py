@@ -1,0 +1,166 @@
+"""Everything a run needs, built once from a config; shared by train and decode.
+
+Resolves the config (tokenizer, vocab size, data dir), builds the mesh, the
+model and its sharded state (with pretrained encoder / LLM weights when the
+config names them), and the data: raw video through the encoder, or cached
+encoder features (``data.cache_features``), computed once per encoder, data
+set and preprocessing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from vsrllm_jax import optim, resolve, sharding, train_state, train_step
+from vsrllm_jax.data import feature_cache, pipeline
+from vsrllm_jax.data.synthetic_spec import spec_from_config
+from vsrllm_jax.models import build as build_lib
+from vsrllm_jax.models import llm as llm_lib
+from vsrllm_jax.models import video_encoder
+from vsrllm_jax.models.vsr_model import VSRModel
+
+
+def _pretrained(config):
+  """Host trees of pretrained weights named by the config: (params, model_state)."""
+  params, model_state = {}, {}
+  if config.llm.path:
+    _, params["llm"] = llm_lib.from_pretrained(config.llm.path, dtype=config.dtype,
+                                               param_dtype=config.param_dtype)
+  if config.encoder.path:
+    from vsrllm_jax.models import encoder_io  # pylint: disable=g-import-not-at-top
+    _, variables = encoder_io.load_encoder(config.encoder.path)
+    params["encoder"] = variables["params"]
+    if variables.get("batch_stats"):
+      model_state["batch_stats"] = {"encoder": variables["batch_stats"]}
+  return params, model_state
+
+
+class Experiment:
+  """Config -> tokenizer, mesh, model, sharded state, optimizer and data."""
+
+  def __init__(self, config):
+    self.config, self.tokenizer = resolve.resolve_config(config)
+    config = self.config
+    self.mesh = sharding.make_mesh(config.mesh.shape)
+    data_parallel = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    for key in ("batch_size", "eval_batch_size"):
+      if config[key] % data_parallel:
+        raise ValueError(f"config.{key}={config[key]} is not divisible by the {data_parallel} "
+                         "data-parallel devices (mesh data x fsdp)")
+    logging.info("mesh %s on %d devices", dict(self.mesh.shape), self.mesh.size)
+    self.model: VSRModel = build_lib.build_model(config)
+    self.schedules: dict[str, Any] = {}
+
+    def tx_factory(labels):
+      tx, schedules = optim.make_optimizer(config.optim, labels, config.total_steps)
+      self.schedules.update(schedules)
+      return tx
+
+    params, model_state = _pretrained(config)
+    (self.state, self.state_shardings, self.labels,
+     self.tx) = train_state.create(self.model, config, self.mesh, tx_factory,
+                                   pretrained_params=params, pretrained_model_state=model_state)
+    self._sources: dict[str, Any] = {}
+    self._predict = None
+    if config.data.cache_features:
+      # Before any train step donates the state's buffers.
+      for split in ("train", "validation", "test"):
+        self.source(split)
+
+  # --- data -------------------------------------------------------------------
+
+  def source(self, split: str):
+    """The records of ``split``: raw video, or cached features when configured."""
+    if split not in self._sources:
+      self._sources[split] = (self._cached_source(split) if self.config.data.cache_features
+                              else pipeline.data_source(self.config.data, split))
+    return self._sources[split]
+
+  def train_loader(self):
+    return pipeline.make_train_loader(self.config.data, self.tokenizer,
+                                      global_batch_size=self.config.batch_size,
+                                      seed=self.config.seed, source=self.source("train"))
+
+  def eval_batches(self, split: str, max_batches: int = -1):
+    return pipeline.eval_batches(self.config.data, self.tokenizer, split,
+                                 global_batch_size=self.config.eval_batch_size,
+                                 max_batches=max_batches, source=self.source(split))
+
+  def _cached_source(self, split: str) -> feature_cache.CachedFeatureSource:
+    config = self.config
+    encoder_vars = {"params": self.state.params["encoder"],
+                    "batch_stats": self.state.model_state.get("batch_stats", {}).get("encoder")}
+    key = feature_cache.cache_key(
+        encoder_digest=feature_cache.tree_digest(jax.device_get(encoder_vars)),
+        encoder_config=vars(self.model.encoder_config),
+        data_fingerprint=spec_from_config(config.data).fingerprint(), split=split,
+        preprocessing=dict(pixel_mean=video_encoder.PIXEL_MEAN,
+                           pixel_std=video_encoder.PIXEL_STD, max_frames=config.data.max_frames,
+                           image_size=config.data.image_size, dtype=config.dtype,
+                           augmentation="none (eval-style)"))
+    directory = os.path.join(config.data.data_dir, "feature_cache", key)
+    return feature_cache.build_or_load(directory, lambda: self._compute_features(split))
+
+  def _compute_features(self, split: str):
+    """Yields (id, text, features [n, D], n) for every clip of ``split``, in order."""
+    logging.info("computing encoder features for %s (cached for later runs)", split)
+    encode = jax.jit(lambda p, s, b: self.model.apply({"params": p, **s}, b,
+                                                      method=VSRModel.encode)[0])
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    raw = pipeline.data_source(self.config.data, split)
+    for batch in pipeline.eval_batches(self.config.data, self.tokenizer, split,
+                                       global_batch_size=self.config.eval_batch_size,
+                                       source=raw):
+      inputs = {k: batch[k] for k in ("video", "video_mask")}
+      feats = encode(self.state.params, self.state.model_state,
+                     sharding.global_batch(inputs, self.mesh))
+      feats = np.asarray(multihost_utils.process_allgather(feats, tiled=True))
+      meta = multihost_utils.process_allgather(
+          {"mask": batch["example_mask"], "frames": batch["video_mask"].sum(1)}, tiled=True)
+      ids = _allgather_strings(batch["id"])
+      texts = _allgather_strings(batch["text"])
+      for i in np.flatnonzero(np.asarray(meta["mask"])):
+        n = int(meta["frames"][i])
+        yield ids[i], texts[i], feats[i, :n], n
+
+  # --- models -----------------------------------------------------------------
+
+  def predict_fn(self):
+    if self._predict is None:
+      self._predict = train_step.make_predict_fn(self.model, self.config,
+                                                 eos_id=self.tokenizer.eos_token_id,
+                                                 pad_id=self.tokenizer.pad_token_id)
+    return self._predict
+
+  def train_step_fn(self):
+    train_step.check_loss_weights(self.model, self.state, self.config,
+                                  self._shape_batch(self.config.batch_size))
+    return train_step.make_train_step(self.model, self.tx, self.labels, self.config,
+                                      self.schedules, self.state_shardings, self.mesh)
+
+  def _shape_batch(self, batch_size: int) -> dict:
+    batch = train_state.dummy_batch(self.config, batch_size)
+    if self.config.data.cache_features:
+      dim = self.model.encoder_config.hidden_dim
+      batch["features"] = np.zeros(batch["video_mask"].shape + (dim,), np.float32)
+      batch["features_mask"] = batch.pop("video_mask")
+      del batch["video"]
+    return batch
+
+
+def _allgather_strings(values) -> list[str]:
+  """Every process's strings, in process order (single process: unchanged)."""
+  values = [str(v) for v in values]
+  if jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  encoded = np.zeros((len(values), 256), np.uint8)
+  for i, v in enumerate(values):
+    b = v.encode()[:256]
+    encoded[i, :len(b)] = np.frombuffer(b, np.uint8)
+  gathered = np.asarray(multihost_utils.process_allgather(encoded, tiled=True))
+  return [bytes(row).rstrip(b"\0").decode() for row in gathered]
