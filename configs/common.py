@@ -8,7 +8,13 @@ Unknown argument names and unknown keys are errors that list the valid ones.
 """
 from __future__ import annotations
 
+import os
+
 import ml_collections
+
+# The embedded default models, built by `python -m vsrllm_jax.tools.make_embedded`.
+EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "vsrllm_jax", "embedded")
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -46,13 +52,13 @@ def get_base_config() -> ConfigDict:
   """Every key a run reads, with its default. Small enough for a laptop CPU."""
   c = ConfigDict()
   c.seed = 0
-  c.total_steps = 300
+  c.total_steps = 2000
   c.batch_size = 16            # global batch, split over the data-parallel devices
   c.eval_batch_size = 32
-  c.log_every = 25
-  c.eval_every = 100           # validation WER/CER (also picks the best checkpoint)
+  c.log_every = 100
+  c.eval_every = 500           # validation WER/CER (also picks the best checkpoint)
   c.max_eval_batches = -1      # -1: the whole split
-  c.checkpoint_every = 100
+  c.checkpoint_every = 500
   c.keep_checkpoints = 2
 
   # Device mesh (data, fsdp, tensor); -1 takes the remaining devices.
@@ -90,7 +96,9 @@ def get_base_config() -> ConfigDict:
 
   c.encoder = ConfigDict(dict(
       name="avhubert",
-      path="",                   # '' -> random init (frozen)
+      # A pretrained encoder dir (config.json + model.safetensors); its shape
+      # wins over the keys below. '' -> random init of the shape below.
+      path=os.path.join(EMBEDDED_DIR, "encoder"),
       stem_channels=16,
       resnet_channels=(16, 32, 64, 64),
       resnet_blocks=(1, 1, 1, 1),
@@ -103,15 +111,18 @@ def get_base_config() -> ConfigDict:
   c.projector = ConfigDict(dict(name="mlp"))
 
   c.llm = ConfigDict(dict(
-      path="",                   # '' -> random init of the shape below (frozen)
-      tokenizer_path="",         # '' -> the synthetic data's word-level tokenizer
+      # A local Hugging Face Llama checkpoint dir; '' -> random init of the
+      # shape below (the embedded LLM's shape, for the random-LLM ablation).
+      path=os.path.join(EMBEDDED_DIR, "llm"),
+      # '' -> llm.path's tokenizer, else the synthetic data's word-level one.
+      tokenizer_path=os.path.join(EMBEDDED_DIR, "llm"),
       vocab_size=0,              # 0 -> from the tokenizer (random init only)
-      hidden_dim=64,
-      num_layers=2,
+      hidden_dim=128,
+      num_layers=3,
       num_heads=4,
       num_kv_heads=2,
-      head_dim=16,
-      mlp_dim=128,
+      head_dim=32,
+      mlp_dim=256,
       rope_theta=10000.0,
       rms_norm_eps=1e-6,
       tie_word_embeddings=False,
@@ -130,8 +141,8 @@ def get_base_config() -> ConfigDict:
       param_groups=(("^projector/", "main"), (".*", None)),
       schedules=ConfigDict(dict(main=ConfigDict(dict(
           kind="warmup_cosine",    # warmup_cosine | tri_stage
-          peak_lr=1e-3,
-          warmup_steps=30,
+          peak_lr=3e-3,
+          warmup_steps=100,
           end_lr_scale=0.05,       # warmup_cosine: final lr / peak
           hold_steps=0,            # tri_stage: steps at peak after warmup
           init_lr_scale=0.01,      # tri_stage: initial lr / peak

@@ -73,6 +73,16 @@ def sample_timeline(spec: SyntheticLipsSpec, words, rng: np.random.Generator):
   return seq, fit_durations(np.asarray(durations), minimum, spec.max_frames)
 
 
+def frame_viseme_ids(seq, durations) -> np.ndarray:
+  """Per-frame labels int32 [sum(durations)]: the ``VISEMES`` index of the segment
+  holding each frame (silence included), for frame-level encoder pretraining.
+
+  Zero-length segments own no frame, matching ``mouth_renderer.shape_track``.
+  """
+  ids = np.asarray([visemes_lib.VISEME_INDEX[v] for v in seq], np.int32)
+  return np.repeat(ids, np.asarray(durations, np.int64))
+
+
 @functools.lru_cache(maxsize=256)
 def _speaker_style(spec: SyntheticLipsSpec, speaker: int) -> mouth_renderer.SpeakerStyle:
   return mouth_renderer.sample_speaker_style(spec, speaker)
@@ -93,6 +103,7 @@ def generate_clip(spec: SyntheticLipsSpec, split: str, index: int) -> dict:
       "num_frames": np.int32(video.shape[0]),
       "text": " ".join(words),
       "speaker": np.int32(speaker),
+      "viseme_ids": frame_viseme_ids(seq, durations),  # [T] int32
   }
 
 
@@ -115,8 +126,9 @@ class SyntheticLips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   Not registered with tfds (importing this module twice must not clash);
   read a prepared copy with ``prepare`` or ``tfds.builder_from_directory``.
   """
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "Per-frame viseme labels (viseme_ids)."}
 
   def __init__(self, *, spec: SyntheticLipsSpec | None = None,
                config: SyntheticLipsConfig | None = None, **kwargs):
@@ -153,6 +165,9 @@ class SyntheticLips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             "num_frames": tfds.features.Tensor(shape=(), dtype=np.int32),
             "text": tfds.features.Text(),
             "speaker": tfds.features.Tensor(shape=(), dtype=np.int32),
+            # Index into visemes.VISEMES of each frame's segment (silence included).
+            "viseme_ids": tfds.features.Tensor(shape=(None,), dtype=np.int32,
+                                               encoding=tfds.features.Encoding.BYTES),
         }),
         supervised_keys=None,
         disable_shuffling=True,  # record i of a split is clip i

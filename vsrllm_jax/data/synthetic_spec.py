@@ -14,7 +14,7 @@ from vsrllm_jax.data import grid_grammar
 from vsrllm_jax.data import visemes as visemes_lib
 
 # Bump when the generation code changes its output for an unchanged spec.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: per-frame viseme_ids
 
 SPLITS = ("train", "validation", "test")
 

@@ -106,3 +106,24 @@ def default_tokenizer_dir(data_dir, instruction: str) -> str:
     if os.path.isdir(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
   return str(final)
+
+
+# ------------------------------------------------- the embedded LLM's tokenizer
+
+# Instructions the embedded LLM is pretrained with. The first is the default
+# ``c.data.instruction``: listing it first keeps every id of the data's own
+# tokenizer (``default_tokenizer_dir``) unchanged in the embedded one.
+INSTRUCTION_TEMPLATES: tuple[str, ...] = (
+    "Recognize this speech in English. Input:",
+    "Transcribe the lip movements. Input:",
+    "Read the lips and write the sentence. Input:",
+)
+
+# Silence/filler word of the pretraining spans (the viseme module's name for a
+# closed, still mouth); appended last so the ids above stay put.
+SILENCE_WORD = "sil"
+
+
+def build_embedded_tokenizer(out_dir):
+  """The embedded LLM's word tokenizer: grammar + all templates + the silence word."""
+  return build_word_tokenizer(out_dir, extra_texts=INSTRUCTION_TEMPLATES + (SILENCE_WORD,))

@@ -1,7 +1,8 @@
 """``multiscale_contrastive``: multi-scale temporal pooling, attention pooling, InfoNCE.
 
 Features are average-pooled in time at scales 1, 1/2, 1/4, ... (masked), each
-scale gets its own projection and a learned scale embedding, and
+scale gets its own projection, a learned scale embedding and an embedding of
+its tokens' centre times (attention pooling is otherwise blind to order), and
 ``num_output_tokens`` learnable queries attend over all scales at once. The
 auxiliary ``contrastive`` loss is InfoNCE between the pooled clip vectors of
 different scales of the same clip (positives) against the other clips of the
@@ -19,6 +20,14 @@ from vsrllm_jax import losses
 from vsrllm_jax.models import layers
 from vsrllm_jax.models.projectors import register
 from vsrllm_jax.models.projectors.base import Projector, ProjectorOutput
+
+
+def sinusoid(positions: jax.Array, dim: int, max_period: float = 1000.0) -> jax.Array:
+  """Sinusoidal embedding of (fractional) frame times. positions [...] -> [..., dim]."""
+  half = dim // 2
+  freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half) / max(half, 1))
+  angles = positions[..., None].astype(jnp.float32) * freqs
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
 def masked_temporal_pool(x: jax.Array, mask: jax.Array, window: int):
@@ -47,6 +56,7 @@ class MultiScaleContrastiveProjector(Projector):
   num_heads: int = 4
   mlp_ratio: int = 2
   temperature: float = 0.1
+  time_embedding_dim: int = 64
 
   @nn.compact
   def __call__(self, features, features_mask, *, text=None, text_mask=None, train=False):
@@ -61,7 +71,10 @@ class MultiScaleContrastiveProjector(Projector):
       scale_emb = self.param(f"scale{s}_embedding",
                              layers.with_axes(nn.initializers.normal(0.02), ("embed",)), (e,),
                              self.param_dtype)
-      scale_tokens.append(x + jnp.asarray(scale_emb, self.dtype))
+      centres = jnp.arange(x.shape[1]) * s + (s - 1) / 2                # frame time of each token
+      time = layers.Dense(e, (None, "embed"), use_bias=False, name=f"scale{s}_time", **kw)(
+          sinusoid(centres, self.time_embedding_dim))                   # [T/s, E]
+      scale_tokens.append(x + jnp.asarray(scale_emb, self.dtype) + time[None])
       scale_masks.append(m)
       pooled.append(layers.masked_mean(x, m))                         # [B, E]
     tokens = jnp.concatenate(scale_tokens, axis=1)                    # [B, S, E]

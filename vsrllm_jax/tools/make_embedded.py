@@ -1,0 +1,111 @@
+r"""Builds the embedded default models: a pretrained encoder and a pretrained LLM.
+
+  python -m vsrllm_jax.tools.make_embedded                 # -> vsrllm_jax/embedded/
+  python -m vsrllm_jax.tools.make_embedded --out_dir=/tmp/emb --encoder_steps=150 --llm_steps=200
+
+- ``encoder/``: the AV-HuBERT-shape video encoder of ``configs/common.py``,
+  pretrained by per-frame viseme classification on the synthetic data's
+  TRAINING speakers only (validation and test speakers stay unseen), saved as
+  ``config.json`` + ``model.safetensors``.
+- ``llm/``: a small Llama-architecture LLM pretrained on text of the
+  synthetic grammar and the instruction templates, in the task's shape
+  (``BOS instruction noisy-span sentence EOS``), saved as a Hugging Face
+  checkpoint directory with its tokenizer.
+- ``quality.json``: the measured quality and the thresholds it must meet.
+
+The result is written to a temporary directory and renamed into place, and
+the command fails (leaving the old models) if a threshold is missed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+
+from absl import app, flags
+
+from configs import common
+from vsrllm_jax.data import synthetic_lips
+from vsrllm_jax.data.synthetic_spec import spec_from_config
+from vsrllm_jax.models.video_encoder import VideoEncoderConfig
+from vsrllm_jax.tools import pretrain_encoder, pretrain_llm
+
+EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "embedded")
+
+# What the full build must reach (measured values are in quality.json).
+# The encoder's accuracy is per frame, on speakers it never saw.
+THRESHOLDS = {
+    "encoder/validation_frame_accuracy": 0.80,
+    "encoder/test_frame_accuracy": 0.80,
+    # Next-token accuracy on held-out sentences after a noisy span; copying the
+    # span's words scores about 0.92 (dropped words cannot be recovered).
+    "llm/noisy_span/token_accuracy": 0.88,
+}
+DEFAULT_ENCODER_STEPS = 1200
+DEFAULT_LLM_STEPS = 400
+
+_OUT = flags.DEFINE_string("out_dir", EMBEDDED_DIR, "Where encoder/, llm/, quality.json go.")
+_ENCODER_STEPS = flags.DEFINE_integer("encoder_steps", DEFAULT_ENCODER_STEPS, "Encoder steps.")
+_LLM_STEPS = flags.DEFINE_integer("llm_steps", DEFAULT_LLM_STEPS, "LLM steps.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of both pretrainings.")
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "Synthetic data dir ('' -> the default).")
+_CHECK = flags.DEFINE_bool("check_thresholds", True, "Fail if a quality threshold is missed.")
+
+
+def build(out_dir: str, *, encoder_steps: int, llm_steps: int, seed: int = 0, data_dir: str = "",
+          thresholds: dict[str, float] | None = THRESHOLDS) -> dict:
+  """Builds both models into ``out_dir`` (atomically); returns the quality record."""
+  config = common.get_base_config()
+  with config.unlocked():
+    config.data.data_dir = data_dir or synthetic_lips.default_data_dir()
+  synthetic_lips.prepare(spec_from_config(config.data), config.data.data_dir)
+  out_dir = os.path.abspath(out_dir)
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp_embedded_", dir=parent)
+  try:
+    t0 = time.time()
+    enc = pretrain_encoder.pretrain_encoder(
+        config.data, VideoEncoderConfig.from_config_dict(config.encoder), steps=encoder_steps,
+        batch_size=8, learning_rate=3e-3, seed=seed, out_dir=os.path.join(tmp, "encoder"))
+    lm = pretrain_llm.pretrain_llm(out_dir=os.path.join(tmp, "llm"), steps=llm_steps, seed=seed)
+    quality = {f"encoder/{k}": v for k, v in enc.items() if isinstance(v, (int, float))}
+    quality.update({f"llm/{k}": v for k, v in lm.items() if isinstance(v, (int, float))})
+    record = dict(quality=quality, thresholds=thresholds or {}, seconds=round(time.time() - t0, 1),
+                  command=f"python -m vsrllm_jax.tools.make_embedded --encoder_steps="
+                          f"{encoder_steps} --llm_steps={llm_steps} --seed={seed}")
+    missed = {k: (quality.get(k), v) for k, v in (thresholds or {}).items()
+              if not quality.get(k, float("-inf")) >= v}
+    record["passed"] = not missed
+    with open(os.path.join(tmp, "quality.json"), "w") as f:
+      json.dump(record, f, indent=2)
+      f.write("\n")
+    if missed:
+      raise RuntimeError(f"embedded models miss their quality thresholds (got, want): {missed}")
+    if os.path.exists(out_dir):
+      old = out_dir + ".old"
+      shutil.rmtree(old, ignore_errors=True)
+      os.rename(out_dir, old)
+      os.rename(tmp, out_dir)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, out_dir)
+    return record
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  record = build(_OUT.value, encoder_steps=_ENCODER_STEPS.value, llm_steps=_LLM_STEPS.value,
+                 seed=_SEED.value, data_dir=_DATA_DIR.value,
+                 thresholds=THRESHOLDS if _CHECK.value else None)
+  print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
