@@ -48,6 +48,8 @@ def main(argv):
 
   state, shardings, labels, tx = train_state.create(model, config, mesh, tx_factory)
   step = train_step.make_train_step(model, tx, labels, config, schedules, shardings, mesh)
+  with config.unlocked():
+    config.llm.vocab_size = model.llm_config.vocab_size
   batch = sharding.global_batch(random_batch(config, config.batch_size), mesh)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()

@@ -66,11 +66,10 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
   Unboxed leaves (e.g. batch-norm statistics) are replicated.
   """
   rules = tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in rules)
-  specs = nn.get_partition_spec(boxed_tree)
-  logical_axes = jax.tree.map(lambda s: s, specs, is_leaf=lambda x: isinstance(x, P))
+  specs = nn.get_partition_spec(boxed_tree)   # logical names per leaf (P() if unboxed)
   unboxed = nn.meta.unbox(boxed_tree)
   paths = jax.tree_util.tree_flatten_with_path(unboxed)[0]
-  spec_leaves = jax.tree.leaves(logical_axes, is_leaf=lambda x: isinstance(x, P))
+  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
   shardings = []
   for (path, leaf), logical in zip(paths, spec_leaves):
     mesh_spec = nn.logical_to_mesh_axes(tuple(logical), rules)

@@ -8,7 +8,7 @@ Metrics stay on device; the loop fetches them at log steps.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import optax
@@ -97,14 +97,3 @@ def make_predict_fn(model: VSRModel, config, *, eos_id: int, pad_id: int) -> Cal
                                       eos_id=eos_id, pad_id=pad_id)
 
   return jax.jit(predict)
-
-
-def make_eval_loss_fn(model: VSRModel, config) -> Callable:
-  """A jitted teacher-forced ``(params, model_state, batch) -> named losses``."""
-  del config
-
-  def eval_losses(params, model_state, batch: dict[str, Any]):
-    named, extra = compute_losses(model, params, model_state, batch, train=False)
-    return {**named, **extra}
-
-  return jax.jit(eval_losses)
