@@ -20,7 +20,7 @@ from ml_collections import config_flags  # noqa: E402
 import jax  # noqa: E402
 
 from tests.tiny import random_batch  # noqa: E402
-from vsrllm_jax import optim, sharding, train_state, train_step  # noqa: E402
+from vsrllm_jax import sharding, train_state, train_step  # noqa: E402
 from vsrllm_jax.models import build as build_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/contrastive.py", "Config file.",
@@ -39,14 +39,7 @@ def main(argv):
       config.llm.vocab_size = _VOCAB.value
   mesh = sharding.make_mesh(config.mesh.shape)
   model = build_lib.build_model(config)
-  schedules = {}
-
-  def tx_factory(labels):
-    tx, sched = optim.make_optimizer(config.optim, labels, config.total_steps)
-    schedules.update(sched)
-    return tx
-
-  state, shardings, labels, tx = train_state.create(model, config, mesh, tx_factory)
+  state, shardings, labels, tx, schedules = train_state.create_with_optimizer(model, config, mesh)
   step = train_step.make_train_step(model, tx, labels, config, schedules, shardings, mesh)
   with config.unlocked():
     config.llm.vocab_size = model.llm_config.vocab_size

@@ -11,14 +11,7 @@ from vsrllm_jax.models import build as build_lib
 
 def make(config, mesh):
   model = build_lib.build_model(config)
-  schedules = {}
-
-  def tx_factory(labels):
-    tx, sched = optim.make_optimizer(config.optim, labels, config.total_steps)
-    schedules.update(sched)
-    return tx
-
-  state, shardings, labels, tx = train_state.create(model, config, mesh, tx_factory)
+  state, shardings, labels, tx, schedules = train_state.create_with_optimizer(model, config, mesh)
   step = train_step.make_train_step(model, tx, labels, config, schedules, shardings, mesh)
   return state, step, labels
 

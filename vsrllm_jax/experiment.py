@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vsrllm_jax import optim, resolve, sharding, train_state, train_step
+from vsrllm_jax import resolve, sharding, train_state, train_step
 from vsrllm_jax.data import feature_cache, pipeline
 from vsrllm_jax.data.synthetic_spec import spec_from_config
 from vsrllm_jax.models import build as build_lib
@@ -53,17 +53,11 @@ class Experiment:
                          "data-parallel devices (mesh data x fsdp)")
     logging.info("mesh %s on %d devices", dict(self.mesh.shape), self.mesh.size)
     self.model: VSRModel = build_lib.build_model(config)
-    self.schedules: dict[str, Any] = {}
-
-    def tx_factory(labels):
-      tx, schedules = optim.make_optimizer(config.optim, labels, config.total_steps)
-      self.schedules.update(schedules)
-      return tx
-
     params, model_state = _pretrained(config)
-    (self.state, self.state_shardings, self.labels,
-     self.tx) = train_state.create(self.model, config, self.mesh, tx_factory,
-                                   pretrained_params=params, pretrained_model_state=model_state)
+    (self.state, self.state_shardings, self.labels, self.tx,
+     self.schedules) = train_state.create_with_optimizer(
+         self.model, config, self.mesh, pretrained_params=params,
+         pretrained_model_state=model_state)
     self._sources: dict[str, Any] = {}
     self._predict = None
     if config.data.cache_features:

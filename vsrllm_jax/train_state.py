@@ -95,6 +95,22 @@ def create(model: VSRModel, config, mesh, tx_factory, *, pretrained_params=None,
   return state, state_shardings, labels, tx
 
 
+def create_with_optimizer(model: VSRModel, config, mesh, **pretrained):
+  """``create`` with the optimizer of ``config.optim``.
+
+  Returns (state, state_shardings, param_labels, tx, schedules by name).
+  """
+  schedules = {}
+
+  def tx_factory(labels):
+    tx, sched = optim.make_optimizer(config.optim, labels, config.total_steps)
+    schedules.update(sched)
+    return tx
+
+  state, shardings, labels, tx = create(model, config, mesh, tx_factory, **pretrained)
+  return state, shardings, labels, tx, schedules
+
+
 def _replace(tree, pretrained, shardings, what):
   if not pretrained:
     return tree
