@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import transformers
 
-from configs.common import get_base_config
+from tests.tiny import small_data_config
 from tests import no_tf
 from vsrllm_jax.data import grid_grammar
 from vsrllm_jax.data import pipeline
@@ -18,10 +18,8 @@ GLOBAL_BATCH = 4
 
 @pytest.fixture(scope="module")
 def data_cfg(tmp_path_factory):
-  cfg = get_base_config().data
-  cfg.update(dict(image_size=16, max_frames=48, train_clips=40, validation_clips=8,
-                  test_clips=8, data_dir=str(tmp_path_factory.mktemp("data"))))
-  return cfg
+  return small_data_config(tmp_path_factory.mktemp("data"), image_size=16, max_frames=48,
+                           train_clips=40, validation_clips=8, test_clips=8)
 
 
 @pytest.fixture(scope="module")

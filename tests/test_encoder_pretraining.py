@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs.common import get_base_config
+from tests.tiny import small_data_config
 from vsrllm_jax.data import synthetic_lips
 from vsrllm_jax.data import visemes
 from vsrllm_jax.data.synthetic_spec import SyntheticLipsSpec
@@ -149,10 +150,8 @@ def test_viseme_ids_match_the_timeline():
 
 @pytest.fixture(scope="module")
 def reduced_data(tmp_path_factory):
-  cfg = get_base_config().data
-  cfg.update(dict(image_size=32, max_frames=64, train_clips=240, validation_clips=40,
-                  test_clips=40, data_dir=str(tmp_path_factory.mktemp("data"))))
-  return cfg
+  return small_data_config(tmp_path_factory.mktemp("data"), image_size=32, max_frames=64,
+                           train_clips=240, validation_clips=40, test_clips=40)
 
 
 def test_reduced_pretraining_reads_unseen_speakers(reduced_data, tmp_path):

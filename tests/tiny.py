@@ -52,3 +52,10 @@ def random_batch(config, batch_size: int, seed: int = 0) -> dict:
       label_ids=rng.integers(4, v, (batch_size, ll)).astype(np.int32),
       label_mask=np.arange(ll)[None] < label_len[:, None],
   )
+
+
+def small_data_config(data_dir, **sizes):
+  """The default data config with small sizes for tests, written under ``data_dir``."""
+  cfg = common.get_base_config().data
+  cfg.update(dict(sizes, data_dir=str(data_dir)))
+  return cfg

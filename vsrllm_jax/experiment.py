@@ -60,6 +60,7 @@ class Experiment:
          pretrained_model_state=model_state)
     self._sources: dict[str, Any] = {}
     self._predict = None
+    self._encode = None
     if config.data.cache_features:
       # Before any train step donates the state's buffers.
       for split in ("train", "validation", "test"):
@@ -102,8 +103,7 @@ class Experiment:
   def _compute_features(self, split: str):
     """Yields (id, text, features [n, D], n) for every clip of ``split``, in order."""
     logging.info("computing encoder features for %s (cached for later runs)", split)
-    encode = jax.jit(lambda p, s, b: self.model.apply({"params": p, **s}, b,
-                                                      method=VSRModel.encode)[0])
+    encode = self._encode_fn()
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     raw = pipeline.data_source(self.config.data, split)
     for batch in pipeline.eval_batches(self.config.data, self.tokenizer, split,
@@ -122,6 +122,13 @@ class Experiment:
         yield ids[i], texts[i], feats[i, :n], n
 
   # --- models -----------------------------------------------------------------
+
+  def _encode_fn(self):
+    """The jitted frozen encoder, built once (all splits share its compilation)."""
+    if self._encode is None:
+      self._encode = jax.jit(lambda p, s, b: self.model.apply({"params": p, **s}, b,
+                                                              method=VSRModel.encode)[0])
+    return self._encode
 
   def predict_fn(self):
     if self._predict is None:
