@@ -1,6 +1,6 @@
 r"""Times the jitted train step of a config on synthetic batches (no data set needed).
 
-  python benchmarks/train_step_time.py --config=configs/contrastive.py --steps=10
+  python benchmarks/train_step_time.py --config=configs/conv_abstractor.py --steps=10
 
 Prints JSON: compile time, and the median / min step time over --steps steps
 after --warmup steps. Uses random batches of the config's shapes, so it
@@ -23,7 +23,7 @@ from tests.tiny import random_batch  # noqa: E402
 from vsrllm_jax import sharding, train_state, train_step  # noqa: E402
 from vsrllm_jax.models import build as build_lib  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/contrastive.py", "Config file.",
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/conv_abstractor.py", "Config file.",
                                           lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")

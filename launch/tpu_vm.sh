@@ -2,7 +2,7 @@
 # Runs the train command on every worker of a TPU VM (single host or pod).
 #
 #   TPU_NAME=my-tpu ZONE=us-central2-b REPO_URL=<your clone URL> \
-#     launch/tpu_vm.sh configs/contrastive.py gs://bucket/runs/exp1 [--config.x=y ...]
+#     launch/tpu_vm.sh configs/conv_abstractor.py gs://bucket/runs/exp1 [--config.x=y ...]
 #
 # Every worker installs the pinned requirements (once), then all start the same
 # command; --distributed makes them join through jax.distributed.initialize().

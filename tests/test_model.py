@@ -10,8 +10,8 @@ from vsrllm_jax.models import build as build_lib
 from vsrllm_jax.models import deduplication
 from vsrllm_jax.models.vsr_model import previous_real_index
 
-# One sequence-preserving and one query-pooling projector (the catalog tests cover all).
-PROJECTORS = ["mlp", "multiscale_contrastive"]
+# A per-frame, a query-pooling and a convolutional resampling projector.
+PROJECTORS = ["mlp", "multiscale_contrastive", "conv_abstractor"]
 
 
 @pytest.fixture(scope="module", params=PROJECTORS)

@@ -13,7 +13,7 @@ from vsrllm_jax.models import projectors
 def test_unknown_projector_lists_the_registry():
   with pytest.raises(ValueError) as e:
     projectors.build("qformerr", {"output_dim": 8})
-  for name in ("linear", "mlp", "multiscale_contrastive"):
+  for name in ("linear", "mlp", "multiscale_contrastive", "conv_abstractor"):
     assert name in str(e.value)
 
 
@@ -22,7 +22,7 @@ def test_unknown_projector_field_lists_valid_fields():
     projectors.build("mlp", {"output_dim": 8, "dept": 2})
 
 
-@pytest.mark.parametrize("name", ["linear", "mlp", "multiscale_contrastive"])
+@pytest.mark.parametrize("name", ["linear", "mlp", "multiscale_contrastive", "conv_abstractor"])
 def test_projector_interface(name):
   module = projectors.build(name, {"output_dim": 16, "name": name})
   feats = np.random.default_rng(0).normal(size=(4, 10, 12)).astype(np.float32)
@@ -55,3 +55,19 @@ def test_loss_weights_must_match_produced_losses():
   with pytest.raises(ValueError, match="contrastive.*no weight"):
     train_step.check_loss_weights(model, state, config, batch)
 
+
+
+def test_conv_abstractor_is_local_in_time():
+  """A token sees only its receptive field: frame 0 reaches early tokens, never late ones."""
+  module = projectors.build("conv_abstractor", {"output_dim": 16, "depth": 2, "kernel_size": 3,
+                                                "stride": 2})
+  feats = np.random.default_rng(0).normal(size=(1, 40, 12)).astype(np.float32)
+  mask = np.ones((1, 40), bool)
+  variables = module.init(jax.random.key(0), feats, mask)
+  base = module.apply(variables, feats, mask).tokens
+  changed = feats.copy()
+  changed[:, 0] += 1.0
+  moved = np.abs(np.asarray(module.apply(variables, changed, mask).tokens - base)).max(-1)[0]
+  assert moved.shape == (20,)
+  # Frame 0 reaches frames 0..2 (2 blocks), tokens 0..1 (pool), tokens 0..3 (2 blocks).
+  assert moved[0] > 1e-4 and moved[:4].min() > 0 and moved[4:].max() == 0.0

@@ -265,6 +265,25 @@ def masked_mean(x: jax.Array, mask: jax.Array, axis: int = 1) -> jax.Array:
   return jnp.sum(x * m, axis=axis) / jnp.maximum(jnp.sum(m, axis=axis), 1)
 
 
+def masked_temporal_pool(x: jax.Array, mask: jax.Array, window: int):
+  """Mean over non-overlapping windows of real frames.
+
+  x [B, T, D], mask [B, T] -> ([B, ceil(T/w), D], [B, ceil(T/w)]); a window
+  is real if it holds at least one real frame.
+  """
+  if window == 1:
+    return x, mask.astype(bool)
+  b, t, d = x.shape
+  pad = (-t) % window
+  x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+  m = jnp.pad(mask.astype(x.dtype), ((0, 0), (0, pad)))
+  x = x.reshape(b, -1, window, d)
+  m = m.reshape(b, -1, window)
+  total = jnp.sum(x * m[..., None], axis=2)
+  count = jnp.sum(m, axis=2)
+  return total / jnp.maximum(count, 1)[..., None], count > 0
+
+
 def dtype_from_name(name: str | Dtype) -> Dtype:
   """'float32' / 'bfloat16' / 'float16' -> jnp dtype (dtypes pass through)."""
   if not isinstance(name, str):

@@ -56,12 +56,22 @@ _CHECK = flags.DEFINE_bool("check_thresholds", True, "Fail if a quality threshol
 
 
 def build(out_dir: str, *, encoder_steps: int, llm_steps: int, seed: int = 0, data_dir: str = "",
-          thresholds: dict[str, float] | None = THRESHOLDS) -> dict:
-  """Builds both models into ``out_dir`` (atomically); returns the quality record."""
+          thresholds: dict[str, float] | None = THRESHOLDS, data_config=None,
+          encoder_config: VideoEncoderConfig | None = None, llm_shape: dict | None = None,
+          encoder_options: dict | None = None, llm_options: dict | None = None) -> dict:
+  """Builds both models into ``out_dir`` (atomically); returns the quality record.
+
+  The keyword arguments after ``thresholds`` shrink the build for tests: the
+  data section (default: the base config's), the encoder's shape (default:
+  the base config's), the LLM's shape, and extra arguments of the two
+  pretraining functions.
+  """
   config = common.get_base_config()
-  with config.unlocked():
-    config.data.data_dir = data_dir or synthetic_lips.default_data_dir()
-  synthetic_lips.prepare(spec_from_config(config.data), config.data.data_dir)
+  data = (config.data if data_config is None else data_config).copy_and_resolve_references()
+  with data.unlocked():
+    data.data_dir = data_dir or data.data_dir or synthetic_lips.default_data_dir()
+  encoder_config = encoder_config or VideoEncoderConfig.from_config_dict(config.encoder)
+  synthetic_lips.prepare(spec_from_config(data), data.data_dir)
   out_dir = os.path.abspath(out_dir)
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
@@ -69,9 +79,10 @@ def build(out_dir: str, *, encoder_steps: int, llm_steps: int, seed: int = 0, da
   try:
     t0 = time.time()
     enc = pretrain_encoder.pretrain_encoder(
-        config.data, VideoEncoderConfig.from_config_dict(config.encoder), steps=encoder_steps,
-        batch_size=8, learning_rate=3e-3, seed=seed, out_dir=os.path.join(tmp, "encoder"))
-    lm = pretrain_llm.pretrain_llm(out_dir=os.path.join(tmp, "llm"), steps=llm_steps, seed=seed)
+        data, encoder_config, steps=encoder_steps, seed=seed, out_dir=os.path.join(tmp, "encoder"),
+        **dict(dict(batch_size=8, learning_rate=3e-3), **(encoder_options or {})))
+    lm = pretrain_llm.pretrain_llm(out_dir=os.path.join(tmp, "llm"), steps=llm_steps, seed=seed,
+                                   llm_shape=llm_shape, **(llm_options or {}))
     quality = {f"encoder/{k}": v for k, v in enc.items() if isinstance(v, (int, float))}
     quality.update({f"llm/{k}": v for k, v in lm.items() if isinstance(v, (int, float))})
     record = dict(quality=quality, thresholds=thresholds or {}, seconds=round(time.time() - t0, 1),

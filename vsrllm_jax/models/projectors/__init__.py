@@ -62,6 +62,7 @@ def build(name: str, config: Mapping[str, Any], **overrides) -> Projector:
 
 
 # Importing the modules registers them.
+from vsrllm_jax.models.projectors import conv_abstractor as _conv_abstractor  # noqa: E402,F401
 from vsrllm_jax.models.projectors import linear as _linear  # noqa: E402,F401
 from vsrllm_jax.models.projectors import mlp as _mlp  # noqa: E402,F401
 from vsrllm_jax.models.projectors import multiscale_contrastive as _msc  # noqa: E402,F401

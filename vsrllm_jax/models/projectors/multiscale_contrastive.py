@@ -30,25 +30,6 @@ def sinusoid(positions: jax.Array, dim: int, max_period: float = 1000.0) -> jax.
   return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
-def masked_temporal_pool(x: jax.Array, mask: jax.Array, window: int):
-  """Mean over non-overlapping windows of real frames.
-
-  x [B, T, D], mask [B, T] -> ([B, ceil(T/w), D], [B, ceil(T/w)]); a window
-  is real if it holds at least one real frame.
-  """
-  if window == 1:
-    return x, mask.astype(bool)
-  b, t, d = x.shape
-  pad = (-t) % window
-  x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
-  m = jnp.pad(mask.astype(x.dtype), ((0, 0), (0, pad)))
-  x = x.reshape(b, -1, window, d)
-  m = m.reshape(b, -1, window)
-  total = jnp.sum(x * m[..., None], axis=2)
-  count = jnp.sum(m, axis=2)
-  return total / jnp.maximum(count, 1)[..., None], count > 0
-
-
 @register("multiscale_contrastive")
 class MultiScaleContrastiveProjector(Projector):
   scales: Sequence[int] = (1, 2, 4)   # pooling windows in frames
@@ -65,7 +46,7 @@ class MultiScaleContrastiveProjector(Projector):
     e = self.output_dim
     scale_tokens, scale_masks, pooled = [], [], []
     for i, s in enumerate(self.scales):
-      x, m = masked_temporal_pool(features, features_mask, s)        # [B, T/s, D]
+      x, m = layers.masked_temporal_pool(features, features_mask, s)        # [B, T/s, D]
       x = layers.Dense(e, ("features", "embed"), name=f"scale{s}_proj", **kw)(x)
       x = layers.LayerNorm(name=f"scale{s}_norm", **kw)(x)
       scale_emb = self.param(f"scale{s}_embedding",
