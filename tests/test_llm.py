@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from configs.common import get_base_config
-from vsrllm_jax.models import generation, llm, rope
+from vsrllm_jax.models import generation, hf_checkpoint, llm, rope
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
@@ -293,7 +293,7 @@ def test_checkpoint_key_mismatch_is_reported(hf_llama):
   tensors["model.layers.0.mlp.extra.weight"] = tensors.pop("model.layers.1.mlp.up_proj.weight")
   with pytest.raises(ValueError, match=r"missing keys \['model.layers.1.mlp.up_proj.weight'\]"
                      r".*unexpected keys \['model.layers.0.mlp.extra.weight'\]"):
-    llm.from_hf_state_dict(cfg, tensors)
+    hf_checkpoint.from_hf_state_dict(cfg, tensors)
 
 
 @pytest.mark.parametrize("field,value", [

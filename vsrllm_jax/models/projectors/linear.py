@@ -1,8 +1,6 @@
 """``linear``: one Dense per frame (sequence-preserving)."""
 from __future__ import annotations
 
-import jax.numpy as jnp
-
 import flax.linen as nn
 
 from vsrllm_jax.models import layers
