@@ -61,11 +61,16 @@ def build(name: str, config: Mapping[str, Any], **overrides) -> Projector:
   return cls(**kwargs)
 
 
-# Importing the modules registers them.
-from vsrllm_jax.models.projectors import conv_abstractor as _conv_abstractor  # noqa: E402,F401
-from vsrllm_jax.models.projectors import linear as _linear  # noqa: E402,F401
-from vsrllm_jax.models.projectors import mlp as _mlp  # noqa: E402,F401
-from vsrllm_jax.models.projectors import multiscale_contrastive as _msc  # noqa: E402,F401
+def _import_catalog() -> None:
+  """Imports every module of this package: each registers its projectors."""
+  import importlib
+  import pkgutil
+  for info in pkgutil.iter_modules(__path__):
+    if info.name != "base":
+      importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_catalog()
 
 __all__ = ["Projector", "ProjectorOutput", "build", "config_fields", "get_class", "names",
            "register"]
