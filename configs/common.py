@@ -86,6 +86,10 @@ def get_base_config() -> ConfigDict:
       instruction="Recognize this speech in English. Input:",
       max_instruction_tokens=16,
       max_label_tokens=12,       # transcript tokens + EOS
+      # Instruct checkpoints: render the instruction as a user turn of the
+      # tokenizer's chat template (+ assistant header); labels then end with the
+      # template's end-of-turn token. An error if the tokenizer has no template.
+      chat_template=False,
       worker_count=0,            # grain worker processes (0 = in-process)
       # Train on frozen-encoder features computed once (eval-style preprocessing,
       # one copy per clip) and cached under data_dir/feature_cache/<key>; the key
@@ -155,5 +159,18 @@ def get_base_config() -> ConfigDict:
       clip_grad_norm=1.0,
   ))
 
-  c.decode = ConfigDict(dict(max_new_tokens=12))
+  # Decoding for validation, test and the decode command (models/generation.py).
+  c.decode = ConfigDict(dict(
+      max_new_tokens=12,         # generated tokens per clip, EOS included
+      strategy="greedy",         # greedy | sample | beam
+      temperature=1.0,           # sample: logits / temperature (0 = greedy)
+      top_p=1.0,                 # sample: nucleus mass in (0, 1] (1 = off)
+      top_k=0,                   # sample: keep the k most likely tokens (0 = off)
+      seed=0,                    # sample: the n-th decoded batch uses fold_in(key(seed), n)
+      beam_size=4,               # beam: hypotheses kept per clip
+      length_penalty=1.0,        # beam: score = sum logprob / generated_length ** length_penalty
+      # beam: 'heuristic' (transformers' early_stopping=False), 'beam_full'
+      # (True: stop once beam_size hypotheses ended) or 'never' (exact).
+      early_stopping="heuristic",
+  ))
   return c

@@ -297,7 +297,7 @@ def test_checkpoint_key_mismatch_is_reported(hf_llama):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("hidden_act", "gelu"), ("mlp_bias", True), ("model_type", "gemma"),
+    ("hidden_act", "gelu"), ("mlp_bias", True), ("model_type", "gemma2"),
     ("sliding_window", 4096), ("rope_parameters", {"rope_type": "yarn", "factor": 4.0})])
 def test_unsupported_config_fields_raise(field, value):
   hf = transformers.LlamaConfig(**TINY).to_dict()

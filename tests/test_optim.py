@@ -67,3 +67,13 @@ def test_schedules(kind):
   if kind == "tri_stage":
     assert lrs[0] == pytest.approx(cfg.peak_lr * cfg.init_lr_scale, rel=1e-4)
     assert np.allclose(lrs[10:16], cfg.peak_lr)
+
+
+def test_weight_decay_only_on_projection_weights():
+  tree = {"proj": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((2, 4))},
+          "moe": {"wi": jnp.ones((2, 3, 4)), "bi": jnp.ones((2, 4))},
+          "norm": {"scale": jnp.ones(4)}, "queries": jnp.ones((5, 4)),
+          "conv": {"kernel": jnp.ones((3, 4, 4))}}
+  mask = optim._decay_mask(tree)
+  assert mask == {"proj": {"kernel": True, "bias": False}, "moe": {"wi": True, "bi": False},
+                  "norm": {"scale": False}, "queries": False, "conv": {"kernel": True}}

@@ -1,33 +1,71 @@
 r"""Decodes a split with a trained run and scores it.
 
   python -m vsrllm_jax.decode --workdir=/tmp/vsr_run [--split=test] [--step=N] [--config=...]
+      [--strategy=greedy|sample|beam] [--beam_size=K] [--length_penalty=A]
+      [--temperature=T] [--top_p=P]
 
-Reads the run's config.json (``--config`` overrides it), restores the best
-checkpoint by validation WER (or ``--step`` from checkpoints/), decodes
-greedily, writes ``WORKDIR/decode/<split>.jsonl`` lines
-``{"id", "reference", "hypothesis"}`` and prints WER and CER.
+Reads the run's config.json (``--config`` replaces it), restores the best
+checkpoint by validation WER (or ``--step`` from checkpoints/), decodes with
+``config.decode`` (greedy by default), writes ``WORKDIR/decode/<split>.jsonl``
+lines ``{"id", "reference", "hypothesis"}`` and prints WER and CER.
+
+The decoding flags, when given, override the matching ``config.decode`` keys
+(any other key: ``--config.decode.<key>=...`` with ``--config``):
+``--strategy`` greedy, sample (temperature / top-p, seed ``decode.seed``) or
+beam; ``--beam_size`` hypotheses kept per clip; ``--length_penalty`` beam
+score = sum logprob / generated_length ** length_penalty (transformers'
+convention); ``--temperature`` sampling temperature (0 = greedy);
+``--top_p`` nucleus mass in (0, 1].
 """
 from __future__ import annotations
 
 import json
 import logging
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
 from vsrllm_jax import checkpoint, evaluation, experiment
 from vsrllm_jax import workdir as workdir_lib
+from vsrllm_jax.models import generation
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
 _SPLIT = flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split to decode.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best).")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Overrides the run's config.json.",
                                           lock_config=True)
+_STRATEGY = flags.DEFINE_enum("strategy", None, list(generation.STRATEGIES),
+                              "Overrides decode.strategy.")
+_BEAM_SIZE = flags.DEFINE_integer("beam_size", None, "Overrides decode.beam_size.")
+_LENGTH_PENALTY = flags.DEFINE_float("length_penalty", None, "Overrides decode.length_penalty.")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "Overrides decode.temperature.")
+_TOP_P = flags.DEFINE_float("top_p", None, "Overrides decode.top_p.")
 
 
-def decode(workdir: str, split: str = "test", step: int | None = None, config=None) -> dict:
-  """Returns {'wer', 'cer', 'num_examples', 'step', 'slot_accuracy', 'path'}."""
-  config = workdir_lib.load_config(workdir, config)
+def with_decode_options(config, **options):
+  """A copy of ``config`` whose decode keys are replaced by the options that are not None.
+
+  Validates the resulting decode section (errors name the key).
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  with config.unlocked():
+    for key, value in options.items():
+      if value is not None:
+        if key in config.decode:
+          del config.decode[key]  # the flag's type wins (e.g. a float over an int)
+        config.decode[key] = value
+  generation.options_from_config(config.decode)
+  return config
+
+
+def decode(workdir: str, split: str = "test", step: int | None = None, config=None,
+           **decode_options) -> dict:
+  """Returns {'wer', 'cer', 'num_examples', 'step', 'slot_accuracy', 'path'}.
+
+  ``decode_options`` (e.g. strategy='beam', beam_size=8) override config.decode.
+  """
+  config = with_decode_options(workdir_lib.load_config(workdir, config), **decode_options)
   exp = experiment.Experiment(config)
   ckpts = checkpoint.Checkpoints(workdir, exp.config.keep_checkpoints)
   best = step is None
@@ -42,7 +80,7 @@ def decode(workdir: str, split: str = "test", step: int | None = None, config=No
   ckpts.close()
   rates, rows = evaluation.evaluate(exp.predict_fn(), state.params, state.model_state,
                                     exp.eval_batches(split), exp.mesh, exp.tokenizer,
-                                    eos_id=exp.tokenizer.eos_token_id)
+                                    eos_id=exp.eos_ids)
   path = evaluation.write_decodes(workdir, split, rows)
   return dict(rates, step=step, slot_accuracy=evaluation.slot_accuracy(rows), path=path)
 
@@ -50,7 +88,10 @@ def decode(workdir: str, split: str = "test", step: int | None = None, config=No
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  result = decode(_WORKDIR.value, _SPLIT.value, _STEP.value, _CONFIG.value)
+  result = decode(_WORKDIR.value, _SPLIT.value, _STEP.value, _CONFIG.value,
+                  strategy=_STRATEGY.value, beam_size=_BEAM_SIZE.value,
+                  length_penalty=_LENGTH_PENALTY.value, temperature=_TEMPERATURE.value,
+                  top_p=_TOP_P.value)
   logging.info("wrote %s", result["path"])
   print(json.dumps(result, indent=2))
 

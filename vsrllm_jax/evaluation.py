@@ -1,17 +1,19 @@
-"""Greedy decoding over a split, and WER / CER with jiwer.
+"""Decoding over a split; WER / CER with jiwer and BLEU with sacrebleu.
 
-Hypotheses and references go through the same normaliser (lowercase,
-punctuation stripped, whitespace collapsed, as in LRS3 scoring) before
-scoring. WER and CER are corpus-level: total edits over total reference words
-(characters).
+WER and CER follow the LRS3 scoring conventions: hypotheses and references
+go through the same normaliser (``normalize_text``) and the rates are
+corpus-level, total edits over total reference words (characters), not a
+mean of per-sentence rates. BLEU follows sacreBLEU's (``bleu``) and is
+reported next to them for translation tasks; it is cheap, so ``evaluate``
+always adds it.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import string
-from typing import Any, Callable, Iterable
+import unicodedata
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jiwer
@@ -20,37 +22,90 @@ import numpy as np
 from vsrllm_jax import sharding
 from vsrllm_jax.train_step import model_inputs
 
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+# Typographic apostrophes that mean the ASCII one (don’t, ʼ).
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
+# An apostrophe not between two letters/digits (``_`` is gone by then): a quote mark.
+_EDGE_APOSTROPHE = re.compile(r"(?<!\w)'|'(?!\w)")
+BLEU_TOKENIZE = "13a"  # sacreBLEU's default (mteval-v13a), as its command line uses
 
 
 def normalize_text(text: str) -> str:
-  """Lowercase, strip punctuation (apostrophes kept), collapse whitespace."""
-  text = _PUNCT.sub(lambda m: m.group(0) if m.group(0) == "'" else " ", text.lower())
+  """The LRS3 scoring normaliser, applied to references and hypotheses alike.
+
+  1. Unicode NFKC; typographic apostrophes (’ ‘ ʼ) become ``'``.
+  2. Lowercase (LRS3 transcripts are upper case, LLM output mixed case).
+  3. Every punctuation or symbol character (Unicode categories P*, S*) becomes
+     a space, except apostrophes inside a word (``don't``, ``o'clock``), which
+     LRS3 words carry; quote-like edge apostrophes go (``'cause`` ->
+     ``cause``). Hyphens therefore split words (``well-known`` -> ``well known``).
+  4. Whitespace collapsed to single spaces, ends stripped.
+  Digits are kept as they are (LRS3 spells numbers out; no number expansion).
+  GRID sentences of the synthetic data are already in this form.
+  """
+  text = unicodedata.normalize("NFKC", text).translate(_APOSTROPHES).lower()
+  text = "".join(" " if ch != "'" and unicodedata.category(ch)[0] in "PS" else ch
+                 for ch in text)
+  text = _EDGE_APOSTROPHE.sub(" ", text)
   return " ".join(text.split())
 
 
-def tokens_to_text(tokenizer, tokens: np.ndarray, eos_id: int) -> list[str]:
-  """Cuts each row at its first EOS and detokenises (special tokens dropped)."""
+def _eos_set(eos_id: int | Sequence[int]) -> set[int]:
+  return {int(eos_id)} if np.ndim(eos_id) == 0 else {int(i) for i in eos_id}
+
+
+def tokens_to_text(tokenizer, tokens: np.ndarray, eos_id: int | Sequence[int]) -> list[str]:
+  """Cuts each row at its first EOS (any of ``eos_id``) and detokenises (specials dropped)."""
+  eos = _eos_set(eos_id)
   texts = []
   for row in np.asarray(tokens):
     row = row.tolist()
-    if eos_id in row:
-      row = row[:row.index(eos_id)]
-    texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    end = next((i for i, token in enumerate(row) if token in eos), len(row))
+    texts.append(tokenizer.decode(row[:end], skip_special_tokens=True))
   return texts
 
 
 def error_rates(references: list[str], hypotheses: list[str]) -> dict[str, float]:
-  """Corpus WER and CER after normalisation. An empty hypothesis counts as deletions."""
+  """Corpus WER and CER after ``normalize_text``: total edits / total reference length.
+
+  An empty hypothesis counts as deletions; an empty reference adds its
+  hypothesis as insertions. CER counts the spaces between words as characters
+  (jiwer's convention). NaN for an empty corpus or one without reference text.
+  """
+  if len(references) != len(hypotheses):
+    raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
   refs = [normalize_text(r) for r in references]
   hyps = [normalize_text(h) for h in hypotheses]
-  if not refs:
-    return {"wer": float("nan"), "cer": float("nan")}
-  return {"wer": float(jiwer.wer(refs, hyps)), "cer": float(jiwer.cer(refs, hyps))}
+  rates = {}
+  for name, process, units in (("wer", jiwer.process_words, str.split),
+                               ("cer", jiwer.process_characters, list)):
+    length = sum(len(units(r)) for r in refs)
+    if not length:
+      rates[name] = float("nan")
+      continue
+    out = process(refs, hyps)
+    rates[name] = float(out.substitutions + out.deletions + out.insertions) / length
+  return rates
+
+
+def bleu(references: list[str], hypotheses: list[str], *, tokenize: str = BLEU_TOKENIZE) -> float:
+  """Corpus BLEU (0-100) of one reference per hypothesis, as ``sacrebleu REF -i HYP``.
+
+  sacreBLEU's conventions, not the WER normaliser: detokenised text as
+  decoded, its own ``13a`` tokenisation, case-sensitive, 'exp' smoothing,
+  up to 4-grams (all its defaults). NaN for an empty corpus.
+  """
+  import sacrebleu  # pylint: disable=g-import-not-at-top
+
+  if len(references) != len(hypotheses):
+    raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+  if not references:
+    return float("nan")
+  return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)],
+                                     tokenize=tokenize).score)
 
 
 def decode_split(predict: Callable, params, model_state, batches: Iterable[dict], mesh,
-                 tokenizer, *, eos_id: int) -> list[dict[str, Any]]:
+                 tokenizer, *, eos_id: int | Sequence[int]) -> list[dict[str, Any]]:
   """Runs ``predict`` over host batches; returns [{id, reference, hypothesis}] (real rows)."""
   rows = []
   for batch in batches:
@@ -65,10 +120,16 @@ def decode_split(predict: Callable, params, model_state, batches: Iterable[dict]
 
 
 def evaluate(predict: Callable, params, model_state, batches: Iterable[dict], mesh, tokenizer,
-             *, eos_id: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
-  """(``{'wer', 'cer', 'num_examples'}``, per-example rows) for one split."""
+             *, eos_id: int | Sequence[int]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+  """(``{'wer', 'cer', 'bleu', 'num_examples'}``, per-example rows) for one split.
+
+  ``eos_id`` may list several ids (``tokenizer.special_tokens(...).eos_ids``):
+  each hypothesis ends at the first of any.
+  """
   rows = decode_split(predict, params, model_state, batches, mesh, tokenizer, eos_id=eos_id)
-  rates = error_rates([r["reference"] for r in rows], [r["hypothesis"] for r in rows])
+  refs, hyps = [r["reference"] for r in rows], [r["hypothesis"] for r in rows]
+  rates = error_rates(refs, hyps)
+  rates["bleu"] = bleu(refs, hyps)
   rates["num_examples"] = len(rows)
   return rates, rows
 

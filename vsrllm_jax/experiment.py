@@ -17,6 +17,7 @@ import numpy as np
 
 from vsrllm_jax import resolve, sharding, train_state, train_step
 from vsrllm_jax.data import feature_cache, pipeline
+from vsrllm_jax.data import tokenizer as tokenizer_lib
 from vsrllm_jax.data.synthetic_spec import spec_from_config
 from vsrllm_jax.models import build as build_lib
 from vsrllm_jax.models import llm as llm_lib
@@ -24,12 +25,17 @@ from vsrllm_jax.models import video_encoder
 from vsrllm_jax.models.vsr_model import VSRModel
 
 
-def _pretrained(config):
-  """Host trees of pretrained weights named by the config: (params, model_state)."""
+def _pretrained(config, mesh):
+  """Pretrained weights named by the config: (params, model_state).
+
+  The LLM is read straight into its shardings on ``mesh`` (no host copy of the
+  whole model); the small encoder comes as host trees.
+  """
   params, model_state = {}, {}
   if config.llm.path:
     _, params["llm"] = llm_lib.from_pretrained(config.llm.path, dtype=config.dtype,
-                                               param_dtype=config.param_dtype)
+                                               param_dtype=config.param_dtype, mesh=mesh,
+                                               rules=config.sharding_rules)
   if config.encoder.path:
     from vsrllm_jax.models import encoder_io  # pylint: disable=g-import-not-at-top
     _, variables = encoder_io.load_encoder(config.encoder.path)
@@ -44,6 +50,9 @@ class Experiment:
 
   def __init__(self, config):
     self.config, self.tokenizer = resolve.resolve_config(config)
+    # Decoding stops at any of these (an instruct checkpoint's end-of-turn too).
+    self.eos_ids = tokenizer_lib.special_tokens(
+        self.tokenizer, chat_template=self.config.data.get("chat_template", False)).eos_ids
     config = self.config
     self.mesh = sharding.make_mesh(config.mesh.shape)
     data_parallel = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -53,7 +62,7 @@ class Experiment:
                          "data-parallel devices (mesh data x fsdp)")
     logging.info("mesh %s on %d devices", dict(self.mesh.shape), self.mesh.size)
     self.model: VSRModel = build_lib.build_model(config)
-    params, model_state = _pretrained(config)
+    params, model_state = _pretrained(config, self.mesh)
     (self.state, self.state_shardings, self.labels, self.tx,
      self.schedules) = train_state.create_with_optimizer(
          self.model, config, self.mesh, pretrained_params=params,
@@ -133,7 +142,7 @@ class Experiment:
   def predict_fn(self):
     if self._predict is None:
       self._predict = train_step.make_predict_fn(self.model, self.config,
-                                                 eos_id=self.tokenizer.eos_token_id,
+                                                 eos_id=self.eos_ids,
                                                  pad_id=self.tokenizer.pad_token_id)
     return self._predict
 

@@ -82,9 +82,18 @@ def make_schedule(cfg, total_steps: int) -> optax.Schedule:
                    "'warmup_cosine']")
 
 
+# Parameter names that multiply an input: the only ones weight decay applies to.
+# Biases (also [heads, head_dim] or per-expert ones), norm scales, learned
+# queries and embedding tables are left alone, as usual for AdamW.
+DECAYED_NAMES = ("kernel", "wi", "wo", "wg")
+
+
 def _decay_mask(tree):
-  """Weight decay on matrices only (not biases, norm scales or embeddings of rank 1)."""
-  return jax.tree.map(lambda x: jnp.ndim(x) >= 2, tree)
+  """True for matrices named in DECAYED_NAMES (projection and convolution weights)."""
+  def decayed(path, x):
+    name = getattr(path[-1], "key", str(path[-1]))
+    return jnp.ndim(x) >= 2 and name in DECAYED_NAMES
+  return jax.tree_util.tree_map_with_path(decayed, tree)
 
 
 def make_optimizer(optim_cfg, labels: Mapping[tuple[str, ...], str | None],

@@ -4,6 +4,8 @@
 - ``llm.tokenizer_path``: '' -> the LLM checkpoint's tokenizer, else the
   synthetic data's word-level tokenizer (built on first use)
 - ``llm.vocab_size``: 0 -> the tokenizer's size (random-init LLM only)
+- the tokenizer's special tokens are checked (``tokenizer.special_tokens``),
+  and one without a pad token gets the documented fallback (unk, else EOS).
 - ``loss_weights`` are checked against what the model will produce.
 """
 from __future__ import annotations
@@ -23,6 +25,9 @@ def resolve_config(config: ml_collections.ConfigDict):
       config.llm.tokenizer_path = (config.llm.path or tokenizer_lib.default_tokenizer_dir(
           config.data.data_dir, config.data.instruction))
     tok = tokenizer_lib.load_tokenizer(config.llm.tokenizer_path)
+    # Fails now, not at the first batch, if data.chat_template asks for a
+    # template the tokenizer lacks (or a checkpoint lists bad eos ids).
+    tokenizer_lib.special_tokens(tok, chat_template=bool(config.data.get("chat_template", False)))
     if not config.llm.path and config.llm.vocab_size <= 0:
       config.llm.vocab_size = len(tok)
   return config, tok

@@ -70,7 +70,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   def validate(step):
     rates, _ = evaluation.evaluate(predict, state.params, state.model_state,
                                    exp.eval_batches("validation", config.max_eval_batches),
-                                   mesh, tok, eos_id=tok.eos_token_id)
+                                   mesh, tok, eos_id=exp.eos_ids)
     writer.write_scalars(step, {"val/wer": rates["wer"], "val/cer": rates["cer"]})
     if ckpts.save_best(step, state, rates["wer"]):
       logging.info("step %d: new best val/wer %.4f", step, rates["wer"])
@@ -104,7 +104,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     best_state, _ = ckpts.restore(best_step, checkpoint.abstract_like(state), best=True)
     params, model_state = best_state.params, best_state.model_state
   rates, rows = evaluation.evaluate(predict, params, model_state, exp.eval_batches("test"), mesh,
-                                    tok, eos_id=tok.eos_token_id)
+                                    tok, eos_id=exp.eos_ids)
   slots = evaluation.slot_accuracy(rows)
   writer.write_scalars(config.total_steps, {"test/wer": rates["wer"], "test/cer": rates["cer"],
                                             "test/best_step": best_step or config.total_steps,

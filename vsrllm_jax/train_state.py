@@ -55,9 +55,10 @@ def create(model: VSRModel, config, mesh, tx_factory, *, pretrained_params=None,
 
   ``tx_factory(labels) -> optax transform`` builds the optimizer once labels
   are known. ``pretrained_params`` ({'llm': tree, 'encoder': tree}, host
-  arrays) and ``pretrained_model_state`` ({'batch_stats': {'encoder': tree}})
-  replace the random init of those submodules, placed straight into their
-  shardings.
+  arrays or jax.Arrays already placed) and ``pretrained_model_state``
+  ({'batch_stats': {'encoder': tree}}) replace the random init of those
+  submodules, placed straight into their shardings; pretrained params are
+  never randomly initialised (an 8B LLM would otherwise exist twice).
   """
   rng = jax.random.key(config.seed)
   abstract = jax.eval_shape(lambda r: _init_variables(model, config, r), rng)
@@ -69,12 +70,18 @@ def create(model: VSRModel, config, mesh, tx_factory, *, pretrained_params=None,
   labels = optim.label_params(unboxed, config.optim.param_groups)
   tx = tx_factory(labels)
 
-  def init(r):
+  _check_pretrained(pretrained_params, unboxed, "params")  # before the costly init
+  for collection, trees in (pretrained_model_state or {}).items():
+    _check_pretrained(trees, other.get(collection, {}), collection)
+  skip = set(pretrained_params or ())
+
+  def init(r):  # XLA drops the random init of the skipped (pretrained) submodules
     variables = nn.meta.unbox(_init_variables(model, config, r))
-    params = variables.pop("params")
+    params = {k: v for k, v in variables.pop("params").items() if k not in skip}
     return params, variables
 
-  params, model_state = jax.jit(init, out_shardings=(param_shardings, other_shardings))(rng)
+  init_shardings = {k: v for k, v in param_shardings.items() if k not in skip}
+  params, model_state = jax.jit(init, out_shardings=(init_shardings, other_shardings))(rng)
   params = _replace(params, pretrained_params, param_shardings, "params")
   for collection, trees in (pretrained_model_state or {}).items():
     model_state = dict(model_state)
@@ -111,23 +118,50 @@ def create_with_optimizer(model: VSRModel, config, mesh, **pretrained):
   return state, shardings, labels, tx, schedules
 
 
+def _check_pretrained(pretrained, abstract, what: str) -> None:
+  """Pretrained trees name submodules of the model and match their trees and shapes."""
+  for name, tree in (pretrained or {}).items():
+    if name not in abstract:
+      raise ValueError(f"pretrained {what}/{name}: the model has no such submodule; it has "
+                       f"{sorted(abstract)}")
+    want, got = jax.tree.structure(abstract[name]), jax.tree.structure(tree)
+    if want != got:
+      raise ValueError(f"pretrained {what}/{name} params do not match the model's tree:\n"
+                       f"model: {want}\ncheckpoint: {got}")
+    for (path, x), a in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
+                            jax.tree.leaves(abstract[name])):
+      if tuple(np.shape(x)) != tuple(a.shape):
+        raise ValueError(f"pretrained {what}/{name}{jax.tree_util.keystr(path)} has shape "
+                         f"{tuple(np.shape(x))}, the model expects {tuple(a.shape)}")
+
+
 def _replace(tree, pretrained, shardings, what):
   if not pretrained:
     return tree
   tree = dict(tree)
   for name, host_tree in pretrained.items():
     tree[name] = load_into_shardings(host_tree, shardings[name], f"{what}/{name}")
-  return tree
+  return {k: tree[k] for k in shardings}  # the model's key order
 
 
-def load_into_shardings(host_tree, shardings, what: str):
-  """Places host arrays straight into their shardings, checking the tree matches."""
+def load_into_shardings(pretrained, shardings, what: str):
+  """Places host arrays straight into their shardings, checking the tree matches.
+
+  ``jax.Array`` leaves already in their sharding are kept as they are (no
+  copy); other arrays are resharded on device.
+  """
   want = jax.tree.structure(shardings)
-  got = jax.tree.structure(host_tree)
+  got = jax.tree.structure(pretrained)
   if want != got:
     raise ValueError(f"pretrained {what} params do not match the model's tree:\n"
                      f"model: {want}\ncheckpoint: {got}")
-  return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), host_tree, shardings)
+
+  def place(x, s):
+    if isinstance(x, jax.Array):
+      return x if x.sharding.is_equivalent_to(s, x.ndim) else jax.device_put(x, s)
+    return jax.device_put(np.asarray(x), s)
+
+  return jax.tree.map(place, pretrained, shardings)
 
 
 def _log_sizes(params, labels) -> None:

@@ -1,4 +1,4 @@
-"""The jitted train step and the jitted greedy predictor.
+"""The jitted train step and the jitted predictor (greedy, sampling or beam search).
 
 Gradients are taken with respect to the trainable subtree only; frozen params
 enter through ``jax.lax.stop_gradient``, so XLA never computes their
@@ -8,7 +8,7 @@ Metrics stay on device; the loop fetches them at log steps.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import optax
@@ -82,18 +82,33 @@ def make_train_step(model: VSRModel, tx: optax.GradientTransformation, labels, c
                  out_shardings=(state_shardings, sharding.replicated(mesh)))
 
 
-def make_predict_fn(model: VSRModel, config, *, eos_id: int, pad_id: int) -> Callable:
-  """A jitted ``predict(params, model_state, batch) -> tokens [B, max_new_tokens]``.
+def make_predict_fn(model: VSRModel, config, *, eos_id: int | Sequence[int],
+                    pad_id: int) -> Callable:
+  """A ``predict(params, model_state, batch) -> tokens [B, max_new_tokens]``, jitted.
 
-  Greedy decoding with a KV cache sized once; compiled once per batch shape.
+  Decodes with ``config.decode`` (strategy, sampling and beam options; see
+  ``generation.generate``), validated here; compiled once per batch shape.
+  With sampling, the n-th call of the returned predictor draws with
+  ``fold_in(key(decode.seed), n)``, so a decode command is reproducible.
   """
   llm = LlamaModel(model.llm_config)
-  max_new = config.decode.max_new_tokens
+  options = generation.options_from_config(config.decode)
+  seed = options.pop("seed")
 
-  def predict(params, model_state, batch):
+  def predict(params, model_state, batch, rng):
     embeds, mask, _ = model.apply({"params": params, **model_state}, batch, train=False,
                                   method=VSRModel.prompt)
-    return generation.greedy_generate(llm, params["llm"], embeds, mask, max_new_tokens=max_new,
-                                      eos_id=eos_id, pad_id=pad_id)
+    return generation.generate(llm, params["llm"], embeds, mask, eos_id=eos_id, pad_id=pad_id,
+                               rng=rng, **options)
 
-  return jax.jit(predict)
+  jitted = jax.jit(predict)
+  if options["strategy"] != "sample" or options["temperature"] == 0:
+    return lambda params, model_state, batch: jitted(params, model_state, batch, None)
+  key, calls = jax.random.key(seed), [0]
+
+  def sample(params, model_state, batch):
+    rng = jax.random.fold_in(key, calls[0])
+    calls[0] += 1
+    return jitted(params, model_state, batch, rng)
+
+  return sample

@@ -4,8 +4,11 @@ A batch is a dict of numpy arrays (B = per-process batch):
   video            uint8 [B, max_frames, H, W, 1], zero after the real frames
   video_mask       bool  [B, max_frames]
   instruction_ids  int32 [B, max_instruction_tokens]: BOS + instruction, pad after
+                   (no BOS for families without one; the chat template's user
+                   turn + assistant header when data.chat_template)
   instruction_mask bool  [B, max_instruction_tokens]
-  label_ids        int32 [B, max_label_tokens]: transcript + EOS, pad after
+  label_ids        int32 [B, max_label_tokens]: transcript + EOS (the template's
+                   end-of-turn token when data.chat_template), pad after
   label_mask       bool  [B, max_label_tokens]
   example_mask     bool  [B]: False for filler rows (end of an eval split, or
                    a corrupt eval record); fillers keep the instruction, have
@@ -29,6 +32,7 @@ import jax
 import numpy as np
 
 from vsrllm_jax.data import synthetic_lips
+from vsrllm_jax.data import tokenizer as tokenizer_lib
 from vsrllm_jax.data.synthetic_spec import spec_from_config
 
 _log = logging.getLogger(__name__)
@@ -96,19 +100,18 @@ class _Encoder:
     size = int(data_cfg.image_size)
     self.frame_shape = (size, size, 1)
     self.max_label = int(data_cfg.max_label_tokens)
-    self.pad_id = int(tokenizer.pad_token_id)
-    self.eos_id = int(tokenizer.eos_token_id)
+    chat = bool(data_cfg.get("chat_template", False))
+    self.special = tokenizer_lib.special_tokens(tokenizer, chat_template=chat)
+    self.pad_id = self.special.pad_id
     self.tokenizer = tokenizer
-    ids = [int(tokenizer.bos_token_id)] + self._tokens(data_cfg.instruction)
+    ids = tokenizer_lib.instruction_ids(tokenizer, data_cfg.instruction, self.special,
+                                        chat_template=chat)
     max_instr = int(data_cfg.max_instruction_tokens)
     if len(ids) > max_instr:
       raise ValueError(f"instruction {data_cfg.instruction!r} needs {len(ids)} tokens (BOS "
-                       f"included) > data.max_instruction_tokens={max_instr}; raise "
-                       "data.max_instruction_tokens or shorten data.instruction")
+                       f"and chat template included) > data.max_instruction_tokens={max_instr}; "
+                       "raise data.max_instruction_tokens or shorten data.instruction")
     self.instruction_ids, self.instruction_mask = self._pad(ids, max_instr)
-
-  def _tokens(self, text: str) -> list[int]:
-    return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
   def _pad(self, ids, length):
     out = np.full((length,), self.pad_id, np.int32)  # [L]
@@ -151,7 +154,7 @@ class _Encoder:
       video = self._features(index, record_id, record)
     if video is None:
       return None
-    label = self._tokens(text) + [self.eos_id]
+    label = tokenizer_lib.label_ids(self.tokenizer, text, self.special)
     if len(label) > self.max_label:
       raise ValueError(f"record {record_id!r}: transcript {text!r} + EOS needs {len(label)} "
                        f"tokens > data.max_label_tokens={self.max_label}; raise "

@@ -13,7 +13,7 @@ wavelength-dependent interpolation). Other types raise NotImplementedError.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,35 @@ def rope_type(rope_scaling: RopeScaling) -> str:
     return "default"
   scaling = dict(rope_scaling)
   return str(scaling.get("rope_type", scaling.get("type", "default")))
+
+
+def from_hf_config(hf: Mapping[str, Any], bad: Callable[[str, str], None]
+                   ) -> tuple[float, dict[str, Any] | None]:
+  """(rope_theta, rope_scaling dict or None) from a transformers config.json dict.
+
+  transformers>=5 writes ``rope_parameters`` (theta inside); older files
+  ``rope_theta`` + ``rope_scaling``. ``bad(field, why)`` raises for what we
+  do not implement (other schedules, partial rotary, per-layer-type rope).
+  """
+  params = dict(hf.get("rope_parameters") or {})
+  field = "rope_parameters" if params else "rope_scaling"
+  if not params:
+    params = dict(hf.get("rope_scaling") or {})
+  if any(isinstance(v, Mapping) for v in params.values()):
+    bad(field, "per-layer-type rope parameters (Gemma 3 style) are not implemented")
+  theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+  kind = rope_type(params)
+  if kind not in SUPPORTED_ROPE_TYPES:
+    bad(field, f"rope type {kind!r}; supported: {SUPPORTED_ROPE_TYPES}")
+  if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
+    bad(field, "partial_rotary_factor must be 1 (rotary over the whole head)")
+  if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
+    bad("partial_rotary_factor", "must be 1 (rotary over the whole head)")
+  if kind == "llama3" and "original_max_position_embeddings" not in params:
+    params["original_max_position_embeddings"] = hf["max_position_embeddings"]
+  params.pop("type", None)
+  params.pop("partial_rotary_factor", None)
+  return theta, (None if kind == "default" else dict(params, rope_type=kind))
 
 
 def inverse_frequencies(head_dim: int, theta: float,
