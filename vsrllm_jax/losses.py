@@ -56,6 +56,23 @@ def info_nce(a: jax.Array, b: jax.Array, temperature: float,
   return jnp.sum(per_row) / jnp.maximum(jnp.sum(valid), 1)
 
 
+def visual_text_info_nce(pooled: jax.Array, text_embeds: jax.Array, text_mask: jax.Array,
+                         temperature: float, valid: jax.Array | None = None) -> jax.Array:
+  """InfoNCE between clip vectors pooled [B, E] and the texts text_embeds [B, L, E].
+
+  Each text is the mean of its real tokens (``text_mask`` [B, L]) under
+  ``stop_gradient``: the frozen label embeddings are a target, never trained.
+  Rows without a real text token, or with ``valid`` False, are dropped.
+  """
+  m = text_mask.astype(jnp.float32)
+  text = jnp.sum(text_embeds.astype(jnp.float32) * m[..., None], axis=1) / jnp.maximum(
+      jnp.sum(m, axis=1, keepdims=True), 1.0)
+  rows = jnp.any(text_mask.astype(bool), axis=1)
+  if valid is not None:
+    rows = rows & valid.astype(bool)
+  return info_nce(pooled, jax.lax.stop_gradient(text), temperature, rows)
+
+
 def check_loss_names(names, weights: Mapping[str, float]) -> None:
   """Raises unless ``names`` and the keys of ``weights`` are the same set."""
   names, keys = set(names), set(weights)

@@ -16,6 +16,7 @@ import optax
 from vsrllm_jax import losses, optim, sharding
 from vsrllm_jax.models import generation
 from vsrllm_jax.models.llm import LlamaModel
+from vsrllm_jax.models.projectors import text_aware
 from vsrllm_jax.models.vsr_model import VSRModel
 from vsrllm_jax.train_state import TrainState
 
@@ -37,6 +38,12 @@ def compute_losses(model: VSRModel, params, model_state, batch, *, train: bool, 
     label_mask = label_mask & batch["example_mask"][:, None].astype(bool)
   named = {"lm": losses.lm_cross_entropy(out["logits"], batch["label_ids"], label_mask)}
   named.update(out["projector"].aux_losses)
+  temperature = text_aware.visual_text_temperature(model.projector_config)
+  if temperature is not None:   # label text in the loss only, never a projector input
+    label_embeds = model.apply({"params": params, **model_state}, batch["label_ids"],
+                               method=VSRModel.embed_ids)
+    named["visual_text"] = losses.visual_text_info_nce(
+        out["projector"].embeddings["pooled"], label_embeds, label_mask, temperature)
   extra = {"token_accuracy": losses.token_accuracy(out["logits"], batch["label_ids"], label_mask)}
   return named, extra
 
