@@ -1,7 +1,10 @@
 """Config parsing: sweeps args, overrides, and errors that name the valid keys."""
 import pytest
 
-from configs import common, contrastive, linear, mlp
+from configs import base, common, contrastive, conv_abstractor, linear, mlp, moe, qformer, text_aware
+from vsrllm_jax.models import projectors
+
+PRESETS = [contrastive, conv_abstractor, linear, mlp, moe, qformer, text_aware]
 
 
 def test_parse_arg_types_and_errors():
@@ -11,14 +14,26 @@ def test_parse_arg_types_and_errors():
     common.parse_arg("sed=1", seed=0, depth=2)
 
 
-@pytest.mark.parametrize("module", [contrastive, linear, mlp])
+@pytest.mark.parametrize("module", PRESETS)
 def test_configs_build_and_lock(module):
   c = module.get_config()
   c.lock()
   with pytest.raises(AttributeError, match="total_stepz"):
     c.total_stepz = 3
-  assert c.projector.name in ("multiscale_contrastive", "linear", "mlp")
-  assert set(c.loss_weights) >= {"lm"}
+  assert c.projector.name in projectors.names()
+  # Exactly one weight per loss the projector produces (a run checks this again).
+  assert sorted(c.loss_weights) == sorted(["lm"] + base.produced_aux_losses(c.projector))
+
+
+@pytest.mark.parametrize("name", projectors.names())
+def test_base_config_runs_any_projector_with_its_own_losses(name):
+  c = base.get_config(f"projector={name}")
+  assert c.projector.name == name
+  assert sorted(c.loss_weights) == sorted(["lm"] + base.produced_aux_losses(c.projector))
+  for loss in ("routing", "visual_text"):
+    assert (loss in c.loss_weights) == (
+        name.endswith("hierarchical_moe") if loss == "routing"
+        else name == "text_multiscale_contrastive")
 
 
 def test_contrastive_preset_weights_both_losses():
