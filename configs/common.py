@@ -96,6 +96,9 @@ def get_base_config() -> ConfigDict:
       # covers encoder weights, data spec and preprocessing. False: run the
       # encoder in every step.
       cache_features=True,
+      # > 0: batches carry the transcript's characters for the CTC head
+      # ('ctc_labels'/'ctc_label_mask', this many slots; models/ctc.py). 0: none.
+      ctc_max_chars=0,
   ))
 
   c.encoder = ConfigDict(dict(
@@ -138,11 +141,16 @@ def get_base_config() -> ConfigDict:
   c.param_dtype = "float32"
 
   c.loss_weights = ConfigDict(dict(lm=1.0))
+  # CTC auxiliary head over characters (models/ctc.py): on the frozen 'encoder'
+  # features or the 'projector' tokens (sequence-preserving projectors only).
+  # Enabling it needs data.ctc_max_chars > 0 and loss_weights.ctc; the default
+  # param groups train '^ctc_head/' with the projector.
+  c.ctc = ConfigDict(dict(enabled=False, source="encoder"))
 
   c.optim = ConfigDict(dict(
       # (regex over 'a/b/c' param paths, schedule name | None); first match
       # wins and every param must match. None = frozen (no optimizer state).
-      param_groups=(("^projector/", "main"), (".*", None)),
+      param_groups=(("^(projector|ctc_head)/", "main"), (".*", None)),
       schedules=ConfigDict(dict(main=ConfigDict(dict(
           kind="warmup_cosine",    # warmup_cosine | tri_stage
           peak_lr=3e-3,

@@ -21,7 +21,8 @@ from vsrllm_jax.models.vsr_model import VSRModel
 from vsrllm_jax.train_state import TrainState
 
 TRAIN_KEYS = ("video", "video_mask", "features", "features_mask", "instruction_ids",
-              "instruction_mask", "label_ids", "label_mask", "cluster_counts", "example_mask")
+              "instruction_mask", "label_ids", "label_mask", "cluster_counts", "example_mask",
+              "ctc_labels", "ctc_label_mask")
 
 
 def model_inputs(batch: dict) -> dict:

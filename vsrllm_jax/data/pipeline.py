@@ -14,6 +14,10 @@ A batch is a dict of numpy arrays (B = per-process batch):
                    a corrupt eval record); fillers keep the instruction, have
                    no video and no label tokens
   id, text         object [B] of Python str ('' for fillers)
+  ctc_labels       int32 [B, data.ctc_max_chars]: the transcript's characters
+                   (models/ctc.py alphabet, blank 0 after), only when
+                   data.ctc_max_chars > 0
+  ctc_label_mask   bool  [B, data.ctc_max_chars]
 From a source of cached encoder features (``feature_cache``), ``video`` and
 ``video_mask`` are replaced by ``features`` float32 [B, max_frames, D] and
 ``features_mask``.
@@ -34,6 +38,7 @@ import numpy as np
 from vsrllm_jax.data import synthetic_lips
 from vsrllm_jax.data import tokenizer as tokenizer_lib
 from vsrllm_jax.data.synthetic_spec import spec_from_config
+from vsrllm_jax.models import ctc
 
 _log = logging.getLogger(__name__)
 
@@ -100,6 +105,7 @@ class _Encoder:
     size = int(data_cfg.image_size)
     self.frame_shape = (size, size, 1)
     self.max_label = int(data_cfg.max_label_tokens)
+    self.ctc_max_chars = int(data_cfg.get("ctc_max_chars", 0))   # 0: no CTC targets
     chat = bool(data_cfg.get("chat_template", False))
     self.special = tokenizer_lib.special_tokens(tokenizer, chat_template=chat)
     self.pad_id = self.special.pad_id
@@ -171,7 +177,18 @@ class _Encoder:
         "example_mask": np.bool_(True),
         "id": np.asarray(record_id, dtype=object),
         "text": np.asarray(text, dtype=object),
+        **self._ctc_targets(record_id, text),
     }
+
+  def _ctc_targets(self, record_id, text):
+    """Character targets of ``text`` for the CTC head; {} when data.ctc_max_chars is 0."""
+    if not self.ctc_max_chars:
+      return {}
+    try:
+      labels, paddings = ctc.encode_text([text], self.ctc_max_chars)
+    except ValueError as e:
+      raise ValueError(f"record {record_id!r}: {e}") from e
+    return {"ctc_labels": labels[0], "ctc_label_mask": paddings[0] == 0}
 
   def _features(self, index, record_id, record):
     """Validated cached features [T, D] float32, or None (counted) if malformed."""
@@ -203,6 +220,7 @@ class _Encoder:
         "example_mask": np.bool_(False),
         "id": np.asarray("", dtype=object),
         "text": np.asarray("", dtype=object),
+        **self._ctc_targets("", ""),
     }
 
 

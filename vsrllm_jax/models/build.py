@@ -40,5 +40,6 @@ def build_model(config) -> VSRModel:
       encoder_config=encoder_config(config),
       projector_config=projector_cfg,
       llm_config=llm_config(config),
+      ctc_config=dict(config.ctc) if config.get("ctc") and config.ctc.enabled else None,
       dtype=layers.dtype_from_name(config.dtype),
       param_dtype=layers.dtype_from_name(config.param_dtype))

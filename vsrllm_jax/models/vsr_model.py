@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vsrllm_jax.models import deduplication, projectors
+from vsrllm_jax.models import ctc, deduplication, projectors
 from vsrllm_jax.models.llm import LlamaModel, LlmConfig
 from vsrllm_jax.models.projectors.base import ProjectorOutput
 from vsrllm_jax.models.video_encoder import VideoEncoder, VideoEncoderConfig
@@ -35,6 +35,7 @@ class VSRModel(nn.Module):
   llm_config: LlmConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  ctc_config: Any = None         # mapping {enabled, source} (config.ctc); None = no CTC head
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -42,6 +43,12 @@ class VSRModel(nn.Module):
     self.projector = projectors.build(self.projector_config["name"], self.projector_config,
                                       output_dim=self.llm_config.hidden_dim, **kw)
     self.llm = LlamaModel(self.llm_config)
+    enabled, source = ctc.check_config(self.ctc_config)
+    if enabled and source == "projector" and not type(self.projector).sequence_preserving:
+      raise ValueError(f"config.ctc.source='projector' needs a sequence-preserving projector "
+                       f"(one token per frame); {self.projector_config['name']!r} is not. Use "
+                       "config.ctc.source='encoder' or a projector such as 'mlp'")
+    self.ctc_head = ctc.CtcHead(**kw) if enabled else None
 
   def encode(self, batch) -> tuple[jax.Array, jax.Array]:
     """Frozen visual features [B, T, D] and their mask; cached features pass through."""
@@ -67,7 +74,25 @@ class VSRModel(nn.Module):
     if "cluster_counts" in batch and type(self.projector).sequence_preserving:
       tokens, mask = deduplication.average_runs(tokens, mask, batch["cluster_counts"])
     self.sow("intermediates", "projector_tokens", tokens)
+    if self.ctc_head is not None:
+      out = self._add_ctc(batch, out, (feats, feats_mask), (tokens, mask), train=train)
     return out, tokens, mask
+
+  def _add_ctc(self, batch, out: ProjectorOutput, encoder, projected, *, train: bool):
+    """Applies the CTC head (sown as ctc_logits/ctc_mask); adds aux loss 'ctc' given labels."""
+    _, source = ctc.check_config(self.ctc_config)
+    x, x_mask = encoder if source == "encoder" else projected
+    logits = self.ctc_head(x)                                       # [B, T, VOCAB_SIZE]
+    self.sow("intermediates", "ctc_logits", logits)
+    self.sow("intermediates", "ctc_mask", x_mask)
+    if "ctc_labels" not in batch:
+      if train:
+        raise ValueError("config.ctc.enabled needs 'ctc_labels'/'ctc_label_mask' in the batch: "
+                         "set config.data.ctc_max_chars > 0 (vsrllm_jax/data/pipeline.py)")
+      return out
+    loss = ctc.ctc_loss(logits, x_mask, batch["ctc_labels"], batch["ctc_label_mask"],
+                        batch.get("example_mask"))
+    return out.replace(aux_losses={**out.aux_losses, "ctc": loss})
 
   def prompt(self, batch, *, train: bool = False):
     """[instruction][visual tokens] embeddings [B, P, E], mask [B, P], projector output."""
