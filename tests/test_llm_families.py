@@ -87,8 +87,8 @@ def family(request, tmp_path_factory):
 
 def test_config_is_read_as_the_family(family):
   cfg = family["model"].config
-  windows = {"qwen2": (llm._NO_WINDOW, 48), "mistral": (64, 64)}.get(
-      family["name"], (llm._NO_WINDOW,) * 2)
+  windows = {"qwen2": (llm.NO_WINDOW, 48), "mistral": (64, 64)}.get(
+      family["name"], (llm.NO_WINDOW,) * 2)
   assert cfg.layer_windows() == windows
   assert (cfg.embedding_scale, cfg.norm_offset, cfg.mlp_activation, cfg.head_dim) == (
       (True, 1.0, "gelu_pytorch_tanh", 32) if family["name"] == "gemma" else
@@ -212,7 +212,7 @@ def test_qwen2_sliding_layers_without_window_raise():
 
 
 def test_sliding_window_fields_per_family():
-  n, full = 3, llm._NO_WINDOW
+  n, full = 3, llm.NO_WINDOW
   qwen = dict(_hf_dict("qwen2"), num_hidden_layers=n, sliding_window=32, max_window_layers=2)
   del qwen["layer_types"]
   assert llm.LlmConfig.from_hf_config(qwen).layer_windows() == (full, full, 32)
