@@ -31,13 +31,7 @@ T = 8                # max_new_tokens
 HF_EARLY_STOPPING = {"heuristic": False, "beam_full": True, "never": "never"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_single_thread():
-  """Tiny torch ops are far slower multi-threaded when XLA's threads share the cores."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_lay
             max_position_embeddings=512)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_single_thread():
-  """Tiny torch ops are far slower multi-threaded when XLA's threads share the cores."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def _hf_logits(hf, ids, mask=None, positions=None):

@@ -36,13 +36,7 @@ LENGTHS, SEQ = [300, 137, 9], 300
 NEW_TOKENS = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_single_thread():
-  """Tiny torch ops are far slower multi-threaded when XLA's threads share the cores."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def _hf_logits(hf, ids, mask):
