@@ -75,14 +75,29 @@ def get_base_config() -> ConfigDict:
   )
 
   c.data = ConfigDict(dict(
+      # synthetic_lips | lrs3 (VSP-LLM manifests + mp4) | image_captions (data/sources.py)
       name="synthetic_lips",
       data_dir="",               # '' -> $VSRLLM_DATA_DIR or ~/.cache/vsrllm_jax/tensorflow_datasets
-      image_size=32,             # square frames, pixels
+      # lrs3 / image_captions: the local folder holding {split}.tsv/.wrd/
+      # .cluster_counts (lrs3) or captions.jsonl + images; prepared into data_dir once.
+      manifest_dir="",
+      storage="mp4",             # lrs3: keep encoded mp4 bytes ('mp4') or decoded 'frames'
+      source_image_size=96,      # lrs3: the stored mouth crops' size (cropped to image_size)
+      max_bad_fraction=0.01,     # lrs3: building stops past this fraction of bad samples
+      use_cluster_counts=False,  # lrs3: batches carry VSP-LLM cluster counts (deduplication)
+      time_mask_prob=0.0,        # training without a feature cache: AV-HuBERT time masking
+      resize_mode="center_crop",  # image_captions: 'center_crop' (CLIP) or 'squash' (SigLIP)
+      image_size=32,             # square frames (after cropping), pixels
       max_frames=64,             # clips are padded to this many frames (25 fps)
+      # Length buckets (frame counts, max_frames added): a clip pads to the
+      # smallest bucket that holds it and each global batch is one bucket, so
+      # the step compiles once per bucket. () -> every clip pads to max_frames.
+      frame_buckets=(),
       train_clips=2000,
       validation_clips=200,
       test_clips=200,
       generation_seed=0,
+      # '' -> each record's task's instruction (lrs3: VSR or VST, data/tasks.py).
       instruction="Recognize this speech in English. Input:",
       max_instruction_tokens=16,
       max_label_tokens=12,       # transcript tokens + EOS
@@ -103,9 +118,12 @@ def get_base_config() -> ConfigDict:
 
   c.encoder = ConfigDict(dict(
       name="avhubert",
-      # A pretrained encoder dir (config.json + model.safetensors); its shape
+      # A pretrained encoder: a dir (config.json + model.safetensors) or a
+      # fairseq AV-HuBERT .pt (models/encoders.py); its shape
       # wins over the keys below. '' -> random init of the shape below.
       path=os.path.join(EMBEDDED_DIR, "encoder"),
+      # A fairseq .pt path: None -> the checkpoint's cfg says (True if absent).
+      layer_norm_first=None,
       stem_channels=16,
       resnet_channels=(16, 32, 64, 64),
       resnet_blocks=(1, 1, 1, 1),

@@ -40,7 +40,8 @@ def test_train_batch_format(data_cfg, tok):
   expected = {"video": ((b, t, s, s, 1), np.uint8), "video_mask": ((b, t), bool),
               "instruction_ids": ((b, li), np.int32), "instruction_mask": ((b, li), bool),
               "label_ids": ((b, ll), np.int32), "label_mask": ((b, ll), bool),
-              "example_mask": ((b,), bool), "id": ((b,), object), "text": ((b,), object)}
+              "example_mask": ((b,), bool), "id": ((b,), object), "text": ((b,), object),
+              "task": ((b,), object)}
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
   assert batch["example_mask"].all()
   for i in range(b):

@@ -34,18 +34,23 @@ def test_build_or_load_computes_once_and_never_leaves_a_partial_entry(tmp_path):
   def compute():
     calls.append(1)
     for i in range(3):
-      yield f"id{i}", f"text {i}", np.full((i + 1, 4), i, np.float32), i + 1
+      yield dict(id=f"id{i}", text=f"text {i}", features=np.full((i + 1, 4), i, np.float32),
+                 task="vsr", cluster_counts=np.ones(i + 1, np.int32))
 
   entry = str(tmp_path / "key1")
   src = feature_cache.build_or_load(entry, compute)
   assert len(src) == 3 and src.feature_dim == 4
   rec = src[2]
   assert rec["id"] == "id2" and rec["features"].shape == (3, 4) and rec["num_frames"] == 3
+  np.testing.assert_array_equal(rec["features"], 2.0)
+  np.testing.assert_array_equal(src[0]["features"], np.zeros((1, 4)))   # ragged, no padding
+  assert rec["task"] == "vsr" and rec["cluster_counts"].tolist() == [1, 1, 1]
+  np.testing.assert_array_equal(src.lengths, [1, 2, 3])
   feature_cache.build_or_load(entry, compute)
   assert len(calls) == 1
 
   def broken():
-    yield "x", "y", np.zeros((1, 4), np.float32), 1
+    yield dict(id="x", text="y", features=np.zeros((1, 4), np.float32))
     raise RuntimeError("encoder crashed")
 
   with pytest.raises(RuntimeError):

@@ -143,3 +143,15 @@ def test_evaluate_reports_wer_cer_bleu_over_real_rows(word_tok):
   assert rates["bleu"] == pytest.approx(evaluation.bleu(refs[:6], hyps[:6]))
   assert 0 < rates["bleu"] < 100
   assert jax.device_count() == 8
+
+
+def test_rates_per_task_when_a_split_mixes_recognition_and_translation():
+  rows = [dict(id="a", reference="the cat sat", hypothesis="the cat sat", task="vsr"),
+          dict(id="b", reference="a dog ran", hypothesis="a cat ran", task="vsr"),
+          dict(id="c", reference="el gato negro duerme", hypothesis="el gato negro duerme",
+               task="vst_es")]
+  rates = evaluation.summarize_rows(rows)
+  assert rates["num_examples"] == 3 and rates["vsr/num_examples"] == 2
+  assert rates["vsr/wer"] == pytest.approx(1 / 6)
+  assert rates["vst_es/bleu"] == pytest.approx(100.0)
+  assert "vsr/wer" not in evaluation.summarize_rows(rows[:2])   # one task, recognition only

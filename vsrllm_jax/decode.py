@@ -30,17 +30,18 @@ from vsrllm_jax import checkpoint, evaluation, experiment
 from vsrllm_jax import workdir as workdir_lib
 from vsrllm_jax.models import generation
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
-_SPLIT = flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split to decode.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best).")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Overrides the run's config.json.",
-                                          lock_config=True)
-_STRATEGY = flags.DEFINE_enum("strategy", None, list(generation.STRATEGIES),
-                              "Overrides decode.strategy.")
-_BEAM_SIZE = flags.DEFINE_integer("beam_size", None, "Overrides decode.beam_size.")
-_LENGTH_PENALTY = flags.DEFINE_float("length_penalty", None, "Overrides decode.length_penalty.")
-_TEMPERATURE = flags.DEFINE_float("temperature", None, "Overrides decode.temperature.")
-_TOP_P = flags.DEFINE_float("top_p", None, "Overrides decode.top_p.")
+def _define_flags():
+  """The command's flags, defined only when run as a program (see train._define_flags)."""
+  flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
+  flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split to decode.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the best).")
+  config_flags.DEFINE_config_file("config", None, "Overrides the run's config.json.",
+                                  lock_config=True)
+  flags.DEFINE_enum("strategy", None, list(generation.STRATEGIES), "Overrides decode.strategy.")
+  flags.DEFINE_integer("beam_size", None, "Overrides decode.beam_size.")
+  flags.DEFINE_float("length_penalty", None, "Overrides decode.length_penalty.")
+  flags.DEFINE_float("temperature", None, "Overrides decode.temperature.")
+  flags.DEFINE_float("top_p", None, "Overrides decode.top_p.")
 
 
 def with_decode_options(config, **options):
@@ -88,13 +89,14 @@ def decode(workdir: str, split: str = "test", step: int | None = None, config=No
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  result = decode(_WORKDIR.value, _SPLIT.value, _STEP.value, _CONFIG.value,
-                  strategy=_STRATEGY.value, beam_size=_BEAM_SIZE.value,
-                  length_penalty=_LENGTH_PENALTY.value, temperature=_TEMPERATURE.value,
-                  top_p=_TOP_P.value)
+  f = flags.FLAGS
+  result = decode(f.workdir, f.split, f.step, f.config, strategy=f.strategy,
+                  beam_size=f.beam_size, length_penalty=f.length_penalty,
+                  temperature=f.temperature, top_p=f.top_p)
   logging.info("wrote %s", result["path"])
   print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

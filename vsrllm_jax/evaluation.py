@@ -114,8 +114,10 @@ def decode_split(predict: Callable, params, model_state, batches: Iterable[dict]
     hyps = tokens_to_text(tokenizer, tokens, eos_id)
     keep = np.asarray(batch.get("example_mask", np.ones(len(hyps), bool)), bool)
     for i in np.flatnonzero(keep):
-      rows.append(dict(id=str(batch["id"][i]), reference=str(batch["text"][i]),
-                       hypothesis=hyps[i]))
+      row = dict(id=str(batch["id"][i]), reference=str(batch["text"][i]), hypothesis=hyps[i])
+      if "task" in batch and str(batch["task"][i]):
+        row["task"] = str(batch["task"][i])
+      rows.append(row)
   return rows
 
 
@@ -124,14 +126,31 @@ def evaluate(predict: Callable, params, model_state, batches: Iterable[dict], me
   """(``{'wer', 'cer', 'bleu', 'num_examples'}``, per-example rows) for one split.
 
   ``eos_id`` may list several ids (``tokenizer.special_tokens(...).eos_ids``):
-  each hypothesis ends at the first of any.
+  each hypothesis ends at the first of any. Rows that carry a task (LRS3
+  manifests: ``vsr``, ``vst_es``, ...) also get per-task figures, e.g.
+  ``vsr/wer`` and ``vst_es/bleu``, when the split mixes tasks or translates.
   """
   rows = decode_split(predict, params, model_state, batches, mesh, tokenizer, eos_id=eos_id)
+  return summarize_rows(rows), rows
+
+
+def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
+  """Rates over all rows, plus ``{task}/{rate}`` when the rows mix tasks or translate."""
+  rates = _rates(rows)
+  tasks = sorted({r["task"] for r in rows if "task" in r})
+  if len(tasks) > 1 or any(t != "vsr" for t in tasks):
+    for task in tasks:
+      for name, value in _rates([r for r in rows if r.get("task") == task]).items():
+        rates[f"{task}/{name}"] = value
+  return rates
+
+
+def _rates(rows: list[dict[str, Any]]) -> dict[str, float]:
   refs, hyps = [r["reference"] for r in rows], [r["hypothesis"] for r in rows]
   rates = error_rates(refs, hyps)
   rates["bleu"] = bleu(refs, hyps)
   rates["num_examples"] = len(rows)
-  return rates, rows
+  return rates
 
 
 def slot_accuracy(rows: list[dict[str, Any]], slot_names=None) -> dict[str, float]:

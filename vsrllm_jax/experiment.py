@@ -13,13 +13,14 @@ import os
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
 from vsrllm_jax import resolve, sharding, train_state, train_step
-from vsrllm_jax.data import feature_cache, pipeline
+from vsrllm_jax.data import feature_cache, pipeline, sources
 from vsrllm_jax.data import tokenizer as tokenizer_lib
-from vsrllm_jax.data.synthetic_spec import spec_from_config
 from vsrllm_jax.models import build as build_lib
+from vsrllm_jax.models import encoders
 from vsrllm_jax.models import llm as llm_lib
 from vsrllm_jax.models import video_encoder
 from vsrllm_jax.models.vsr_model import VSRModel
@@ -36,9 +37,8 @@ def _pretrained(config, mesh):
     _, params["llm"] = llm_lib.from_pretrained(config.llm.path, dtype=config.dtype,
                                                param_dtype=config.param_dtype, mesh=mesh,
                                                rules=config.sharding_rules)
-  if config.encoder.path:
-    from vsrllm_jax.models import encoder_io  # pylint: disable=g-import-not-at-top
-    _, variables = encoder_io.load_encoder(config.encoder.path)
+  variables = encoders.load_pretrained(config.encoder)
+  if variables is not None:
     params["encoder"] = variables["params"]
     if variables.get("batch_stats"):
       model_state["batch_stats"] = {"encoder": variables["batch_stats"]}
@@ -100,35 +100,47 @@ class Experiment:
                     "batch_stats": self.state.model_state.get("batch_stats", {}).get("encoder")}
     key = feature_cache.cache_key(
         encoder_digest=feature_cache.tree_digest(jax.device_get(encoder_vars)),
-        encoder_config=vars(self.model.encoder_config),
-        data_fingerprint=spec_from_config(config.data).fingerprint(), split=split,
+        encoder_config=encoders.describe(self.model.encoder_config),
+        data_fingerprint=sources.fingerprint(config.data), split=split,
         preprocessing=dict(pixel_mean=video_encoder.PIXEL_MEAN,
                            pixel_std=video_encoder.PIXEL_STD, max_frames=config.data.max_frames,
                            image_size=config.data.image_size, dtype=config.dtype,
-                           augmentation="none (eval-style)"))
+                           augmentation="none (eval-style: centre crop to image_size)"))
     directory = os.path.join(config.data.data_dir, "feature_cache", key)
     return feature_cache.build_or_load(directory, lambda: self._compute_features(split))
 
   def _compute_features(self, split: str):
-    """Yields (id, text, features [n, D], n) for every clip of ``split``, in order."""
+    """Yields {id, text, task, features [n, D] (, cluster_counts)} per clip, in order.
+
+    LRS3 records always carry cluster counts; they are kept whether or not this
+    run deduplicates, so one cache entry serves both.
+    """
     logging.info("computing encoder features for %s (cached for later runs)", split)
     encode = self._encode_fn()
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    raw = pipeline.data_source(self.config.data, split)
-    for batch in pipeline.eval_batches(self.config.data, self.tokenizer, split,
+    data_cfg = ml_collections.ConfigDict(self.config.data.to_dict())
+    data_cfg.use_cluster_counts = data_cfg.name == "lrs3"
+    raw = pipeline.data_source(data_cfg, split)
+    for batch in pipeline.eval_batches(data_cfg, self.tokenizer, split,
                                        global_batch_size=self.config.eval_batch_size,
                                        source=raw):
       inputs = {k: batch[k] for k in ("video", "video_mask")}
-      feats = encode(self.state.params, self.state.model_state,
-                     sharding.global_batch(inputs, self.mesh))
+      feats, feats_mask = encode(self.state.params, self.state.model_state,
+                                 sharding.global_batch(inputs, self.mesh))
       feats = np.asarray(multihost_utils.process_allgather(feats, tiled=True))
-      meta = multihost_utils.process_allgather(
-          {"mask": batch["example_mask"], "frames": batch["video_mask"].sum(1)}, tiled=True)
-      ids = _allgather_strings(batch["id"])
-      texts = _allgather_strings(batch["text"])
+      frames = np.asarray(multihost_utils.process_allgather(feats_mask, tiled=True)).sum(1)
+      meta = {"mask": batch["example_mask"]}
+      if data_cfg.use_cluster_counts:
+        meta["counts"] = batch["cluster_counts"]
+      meta = multihost_utils.process_allgather(meta, tiled=True)
+      ids, texts, tasks = (_allgather_strings(batch[k]) for k in ("id", "text", "task"))
       for i in np.flatnonzero(np.asarray(meta["mask"])):
-        n = int(meta["frames"][i])
-        yield ids[i], texts[i], feats[i, :n], n
+        n = int(frames[i])
+        record = dict(id=ids[i], text=texts[i], features=feats[i, :n], task=tasks[i] or None)
+        if "counts" in meta:
+          counts = np.asarray(meta["counts"][i])
+          record["cluster_counts"] = counts[counts > 0]
+        yield record
 
   # --- models -----------------------------------------------------------------
 
@@ -136,7 +148,7 @@ class Experiment:
     """The jitted frozen encoder, built once (all splits share its compilation)."""
     if self._encode is None:
       self._encode = jax.jit(lambda p, s, b: self.model.apply({"params": p, **s}, b,
-                                                              method=VSRModel.encode)[0])
+                                                              method=VSRModel.encode))
     return self._encode
 
   def predict_fn(self):
@@ -155,7 +167,7 @@ class Experiment:
   def _shape_batch(self, batch_size: int) -> dict:
     batch = train_state.dummy_batch(self.config, batch_size)
     if self.config.data.cache_features:
-      dim = self.model.encoder_config.hidden_dim
+      dim = encoders.feature_dim(self.model.encoder_config)
       batch["features"] = np.zeros(batch["video_mask"].shape + (dim,), np.float32)
       batch["features_mask"] = batch.pop("video_mask")
       del batch["video"]

@@ -25,11 +25,14 @@ from vsrllm_jax import checkpoint, evaluation, experiment, sharding, train_step
 from vsrllm_jax import workdir as workdir_lib
 from vsrllm_jax.data import pipeline
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and config go.")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() (multi-host; its settings come "
-    "from the environment).")
+
+def _define_flags():
+  """The command's flags, defined only when run as a program: the module stays importable
+  next to decode/transcribe, which own --workdir and --config too."""
+  config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and config go.")
+  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host; its "
+                    "settings come from the environment).")
 
 
 class _Preemption:
@@ -48,6 +51,7 @@ class _Preemption:
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """The whole run: train, validate, checkpoint, then test on the best checkpoint."""
   from vsrllm_jax import metric_writers  # pylint: disable=g-import-not-at-top
+  pipeline.reset_skipped_record_count()   # data/skipped_records counts this run's records
   exp = experiment.Experiment(config)
   config, tok, mesh = exp.config, exp.tokenizer, exp.mesh
   workdir_lib.write_run_info(workdir, config)
@@ -71,13 +75,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     rates, _ = evaluation.evaluate(predict, state.params, state.model_state,
                                    exp.eval_batches("validation", config.max_eval_batches),
                                    mesh, tok, eos_id=exp.eos_ids)
-    writer.write_scalars(step, {"val/wer": rates["wer"], "val/cer": rates["cer"]})
+    writer.write_scalars(step, {"val/wer": rates["wer"], "val/cer": rates["cer"],
+                                **_per_task("val", rates)})
     if ckpts.save_best(step, state, rates["wer"]):
       logging.info("step %d: new best val/wer %.4f", step, rates["wer"])
 
+  shapes = set()  # distinct batch shapes = train-step compilations (length buckets)
   for step in range(start, config.total_steps):
     batch = next(data_iter)
-    state, metrics = step_fn(state, sharding.global_batch(train_step.model_inputs(batch), mesh))
+    inputs = train_step.model_inputs(batch)
+    shapes.add(tuple(sorted((k, v.shape) for k, v in inputs.items())))
+    state, metrics = step_fn(state, sharding.global_batch(inputs, mesh))
     pending.append(metrics)
     done = step + 1
     if done % config.log_every == 0 or done == config.total_steps:
@@ -86,6 +94,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
       summary.update(progress(done))
       summary["data/skipped_records"] = pipeline.skipped_record_count()
+      summary["train/batch_shapes"] = len(shapes)
       writer.write_scalars(done, summary)
     if done % config.eval_every == 0 or done == config.total_steps:
       validate(done)
@@ -108,6 +117,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   slots = evaluation.slot_accuracy(rows)
   writer.write_scalars(config.total_steps, {"test/wer": rates["wer"], "test/cer": rates["cer"],
                                             "test/best_step": best_step or config.total_steps,
+                                            **_per_task("test", rates),
                                             **{f"test/slot_accuracy/{k}": v
                                                for k, v in slots.items()}})
   evaluation.write_decodes(workdir, "test", rows)
@@ -117,6 +127,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   writer.close()
   ckpts.close()
   return {"test/wer": rates["wer"], "test/cer": rates["cer"]}
+
+
+def _per_task(prefix: str, rates: dict) -> dict[str, float]:
+  """``{prefix}/{task}/{rate}`` for the per-task rates of a multi-task split (LRS3 VSR/VST)."""
+  return {f"{prefix}/{k}": v for k, v in rates.items()
+          if "/" in k and k.rsplit("/", 1)[1] in ("wer", "cer", "bleu")}
 
 
 class _QuietLibraries(logging.Filter):
@@ -132,16 +148,17 @@ def main(argv):
     handler.addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _DISTRIBUTED.value:
+  if flags.FLAGS.distributed:
     jax.distributed.initialize()
-  if _WORKDIR.value is None or _CONFIG.value is None:
+  if flags.FLAGS.workdir is None or flags.FLAGS.config is None:
     raise app.UsageError("--config and --workdir are required")
   t0 = time.time()
-  result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  result = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   logging.info("done in %.1f s: %s", time.time() - t0, result)
   print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()},
         file=sys.stderr)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

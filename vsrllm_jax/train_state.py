@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vsrllm_jax import data as data_lib
 from vsrllm_jax import optim, sharding
 from vsrllm_jax.models.vsr_model import VSRModel
 
@@ -32,7 +33,8 @@ def dummy_batch(config, batch_size: int = 1) -> dict[str, jax.Array]:
   """Zeros with the shapes of one batch; used for init and shape checks."""
   d = config.data
   return dict(
-      video=jnp.zeros((batch_size, d.max_frames, d.image_size, d.image_size, 1), jnp.uint8),
+      video=jnp.zeros((batch_size, d.max_frames, d.image_size, d.image_size,
+                       data_lib.frame_channels(d)), jnp.uint8),
       video_mask=jnp.ones((batch_size, d.max_frames), bool),
       instruction_ids=jnp.zeros((batch_size, d.max_instruction_tokens), jnp.int32),
       instruction_mask=jnp.ones((batch_size, d.max_instruction_tokens), bool),

@@ -1,9 +1,11 @@
 """grain input pipeline: synthetic_lips records -> fixed-shape host batches.
 
 A batch is a dict of numpy arrays (B = per-process batch):
-  video            uint8 [B, max_frames, H, W, 1], zero after the real frames
-  video_mask       bool  [B, max_frames]
-  instruction_ids  int32 [B, max_instruction_tokens]: BOS + instruction, pad after
+  video            uint8 [B, frames, H, W, 1], zero after the real frames;
+                   frames = data.max_frames, or a length bucket (``bucketing``)
+  video_mask       bool  [B, frames]
+  instruction_ids  int32 [B, max_instruction_tokens]: BOS + instruction (data.
+                   instruction, or the record's task's when that is ''), pad after
                    (no BOS for families without one; the chat template's user
                    turn + assistant header when data.chat_template)
   instruction_mask bool  [B, max_instruction_tokens]
@@ -13,7 +15,10 @@ A batch is a dict of numpy arrays (B = per-process batch):
   example_mask     bool  [B]: False for filler rows (end of an eval split, or
                    a corrupt eval record); fillers keep the instruction, have
                    no video and no label tokens
-  id, text         object [B] of Python str ('' for fillers)
+  id, text, task   object [B] of Python str ('' for fillers; task '' when the
+                   records have none, e.g. synthetic_lips)
+  cluster_counts   int32 [B, frames]: run lengths for VSP-LLM deduplication,
+                   0 after (only when data.use_cluster_counts)
   ctc_labels       int32 [B, data.ctc_max_chars]: the transcript's characters
                    (models/ctc.py alphabet, blank 0 after), only when
                    data.ctc_max_chars > 0
@@ -27,7 +32,6 @@ record is skipped, counted (``skipped_record_count()``) and logged.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 
@@ -35,9 +39,12 @@ import grain.python as grain
 import jax
 import numpy as np
 
-from vsrllm_jax.data import synthetic_lips
+from vsrllm_jax.data import bucketing
+from vsrllm_jax import data as data_lib
+from vsrllm_jax.data import avhubert_preprocess
+from vsrllm_jax.data import sources
+from vsrllm_jax.data import tasks as tasks_lib
 from vsrllm_jax.data import tokenizer as tokenizer_lib
-from vsrllm_jax.data.synthetic_spec import spec_from_config
 from vsrllm_jax.models import ctc
 
 _log = logging.getLogger(__name__)
@@ -68,24 +75,9 @@ def _skip(index, record_id, reason) -> None:
   _log.warning("skipping corrupt record index=%s id=%r: %s", index, record_id, reason)
 
 
-@functools.lru_cache(maxsize=8)
-def _prepared_builder(spec, data_dir: str):
-  return synthetic_lips.prepare(spec, data_dir)
-
-
-def _builder(data_cfg):
-  data_dir = data_cfg.data_dir or synthetic_lips.default_data_dir()
-  return _prepared_builder(spec_from_config(data_cfg), str(data_dir))
-
-
-def data_source(data_cfg, split: str):
-  """Random-access source of a split (prepared on first use), via tfds.data_sources."""
-  return _builder(data_cfg).as_data_source(split=split)
-
-
-def split_size(data_cfg, split: str) -> int:
-  """Number of records in ``split``."""
-  return len(data_source(data_cfg, split))
+# The records of a split come from ``sources`` (data.name picks the data set).
+data_source = sources.data_source
+split_size = sources.split_size
 
 
 def _as_str(value) -> str:
@@ -102,38 +94,60 @@ class _Encoder:
   def __init__(self, data_cfg, tokenizer, feature_dim: int | None = None):
     self.feature_dim = feature_dim   # None: records hold video; else cached features
     self.max_frames = int(data_cfg.max_frames)
+    self.buckets = bucketing.resolve_buckets(data_cfg.get("frame_buckets", ()), self.max_frames)
     size = int(data_cfg.image_size)
-    self.frame_shape = (size, size, 1)
+    self.frame_shape = (size, size, data_lib.frame_channels(data_cfg))
     self.max_label = int(data_cfg.max_label_tokens)
     self.ctc_max_chars = int(data_cfg.get("ctc_max_chars", 0))   # 0: no CTC targets
     chat = bool(data_cfg.get("chat_template", False))
     self.special = tokenizer_lib.special_tokens(tokenizer, chat_template=chat)
     self.pad_id = self.special.pad_id
     self.tokenizer = tokenizer
-    ids = tokenizer_lib.instruction_ids(tokenizer, data_cfg.instruction, self.special,
-                                        chat_template=chat)
+    self.cluster_counts = bool(data_cfg.get("use_cluster_counts", False))
+    self.time_mask_prob = float(data_cfg.get("time_mask_prob", 0.0))
+    # data.instruction for every clip, or ('') each record's task's instruction.
+    texts = ({None: data_cfg.instruction} if data_cfg.instruction
+             else tasks_lib.instructions())
     max_instr = int(data_cfg.max_instruction_tokens)
-    if len(ids) > max_instr:
-      raise ValueError(f"instruction {data_cfg.instruction!r} needs {len(ids)} tokens (BOS "
-                       f"and chat template included) > data.max_instruction_tokens={max_instr}; "
-                       "raise data.max_instruction_tokens or shorten data.instruction")
-    self.instruction_ids, self.instruction_mask = self._pad(ids, max_instr)
+    self.instructions = {}
+    for task, text in texts.items():
+      ids = tokenizer_lib.instruction_ids(tokenizer, text, self.special, chat_template=chat)
+      if len(ids) > max_instr:
+        raise ValueError(f"instruction {text!r} needs {len(ids)} tokens (BOS and chat template "
+                         f"included) > data.max_instruction_tokens={max_instr}; raise "
+                         "data.max_instruction_tokens or shorten data.instruction")
+      self.instructions[task] = self._pad(ids, max_instr)
+    self.default_task = next(iter(self.instructions))
 
   def _pad(self, ids, length):
     out = np.full((length,), self.pad_id, np.int32)  # [L]
     out[:len(ids)] = ids
     return out, np.arange(length) < len(ids)
 
-  def _video(self, index, record_id, record):
-    """Validated video [T, H, W, 1] uint8, or None (counted) if malformed."""
+  def _video(self, index, record_id, record, rng=None):
+    """Validated video [T, S, S, 1] uint8, or None (counted) if malformed.
+
+    Frames larger than ``data.image_size`` (LRS3's 96x96 mouth crops) are
+    cropped to it as AV-HuBERT does: at the centre, or with ``rng`` (training
+    without a feature cache) at a random offset with a random horizontal flip,
+    then ``data.time_mask_prob`` of the frames masked in spans.
+    """
     video = record.get("video") if isinstance(record, dict) else None
     if not isinstance(video, np.ndarray) or video.dtype != np.uint8:
       _skip(index, record_id, f"video is {type(video).__name__} "
             f"{getattr(video, 'dtype', '')}, expected a uint8 array")
       return None
-    if video.ndim != 4 or video.shape[1:] != self.frame_shape:
-      _skip(index, record_id, f"video shape {video.shape}, expected (T, *{self.frame_shape})")
+    size = self.frame_shape[0]
+    if (video.ndim != 4 or video.shape[-1] != self.frame_shape[-1]
+        or video.shape[1] != video.shape[2] or video.shape[1] < size):
+      _skip(index, record_id, f"video shape {video.shape}, expected (T, *{self.frame_shape}) or "
+            "larger square frames to crop from")
       return None
+    if video.shape[1] > size:
+      video = avhubert_preprocess.crop_and_flip(video[..., 0], rng, train=rng is not None,
+                                                crop_size=size)[..., None]
+      if rng is not None and self.time_mask_prob > 0:
+        video, _ = avhubert_preprocess.time_mask(video, rng, mask_prob=self.time_mask_prob)
     if not 1 <= video.shape[0] <= self.max_frames:
       _skip(index, record_id, f"{video.shape[0]} frames, expected 1..{self.max_frames} "
             "(data.max_frames)")
@@ -144,8 +158,12 @@ class _Encoder:
       return None
     return video
 
-  def __call__(self, index, record):
-    """Example dict for ``record`` (read at ``index``), or None if corrupt."""
+  def __call__(self, index, record, frames: int | None = None, rng=None):
+    """Example dict for ``record`` (read at ``index``), or None if corrupt.
+
+    Video (or features) are padded to ``frames``, by default the smallest
+    length bucket that holds the clip. ``rng``: training augmentation.
+    """
     if isinstance(record, _Corrupt):
       _skip(index, None, record.reason)
       return None
@@ -155,30 +173,60 @@ class _Encoder:
       _skip(index, None, f"bad id/text: {e!r}")
       return None
     if self.feature_dim is None:
-      video = self._video(index, record_id, record)
+      video = self._video(index, record_id, record, rng)
     else:
       video = self._features(index, record_id, record)
     if video is None:
       return None
+    frames = frames or bucketing.bucket_of(video.shape[0], self.buckets)
+    if video.shape[0] > frames:
+      _skip(index, record_id, f"{video.shape[0]} frames do not fit its planned length bucket "
+            f"({frames} frames): the record disagrees with the source's lengths")
+      return None
+    task = _as_str(record["task"]) if "task" in record else None
+    instruction_key = None if None in self.instructions else task
+    if instruction_key not in self.instructions:
+      _skip(index, record_id, f"task {task!r} has no instruction (data.instruction is empty, so "
+            f"each record needs one of the tasks {sorted(self.instructions)})")
+      return None
+    counts = {}
+    if self.cluster_counts:
+      counts = self._counts(index, record_id, record, video.shape[0], frames)
+      if counts is None:
+        return None
     label = tokenizer_lib.label_ids(self.tokenizer, text, self.special)
     if len(label) > self.max_label:
       raise ValueError(f"record {record_id!r}: transcript {text!r} + EOS needs {len(label)} "
                        f"tokens > data.max_label_tokens={self.max_label}; raise "
                        "data.max_label_tokens")
     label_ids, label_mask = self._pad(label, self.max_label)
-    padded = np.zeros((self.max_frames,) + video.shape[1:], video.dtype)  # [T_max, ...]
+    padded = np.zeros((frames,) + video.shape[1:], video.dtype)  # [T_bucket, ...]
     padded[:video.shape[0]] = video
+    instruction_ids, instruction_mask = self.instructions[instruction_key]
     return {
-        **self._visual(padded, np.arange(self.max_frames) < video.shape[0]),
-        "instruction_ids": self.instruction_ids.copy(),
-        "instruction_mask": self.instruction_mask.copy(),
+        **self._visual(padded, np.arange(frames) < video.shape[0]),
+        "instruction_ids": instruction_ids.copy(),
+        "instruction_mask": instruction_mask.copy(),
         "label_ids": label_ids,
         "label_mask": label_mask,
         "example_mask": np.bool_(True),
         "id": np.asarray(record_id, dtype=object),
         "text": np.asarray(text, dtype=object),
+        "task": np.asarray(task or "", dtype=object),
+        **counts,
         **self._ctc_targets(record_id, text),
     }
+
+  def _counts(self, index, record_id, record, num_frames: int, frames: int):
+    """{'cluster_counts': int32 [frames]} (run lengths, 0 after), or None (counted)."""
+    counts = np.asarray(record.get("cluster_counts", []), np.int64).reshape(-1)
+    if counts.size == 0 or np.any(counts < 1) or int(counts.sum()) != num_frames:
+      _skip(index, record_id, f"cluster counts {counts.tolist()[:8]}... must be positive and sum "
+            f"to the clip's {num_frames} frames (data.use_cluster_counts)")
+      return None
+    out = np.zeros((frames,), np.int32)
+    out[:counts.size] = counts
+    return {"cluster_counts": out}
 
   def _ctc_targets(self, record_id, text):
     """Character targets of ``text`` for the CTC head; {} when data.ctc_max_chars is 0."""
@@ -205,21 +253,26 @@ class _Encoder:
       return {"video": values, "video_mask": mask}
     return {"features": values, "features_mask": mask}
 
-  def filler(self):
+  def filler(self, frames: int | None = None):
     """A row that keeps batch shapes static and counts for nothing."""
+    frames = frames or self.max_frames
     if self.feature_dim is None:
-      empty = np.zeros((self.max_frames,) + self.frame_shape, np.uint8)
+      empty = np.zeros((frames,) + self.frame_shape, np.uint8)
     else:
-      empty = np.zeros((self.max_frames, self.feature_dim), np.float32)
+      empty = np.zeros((frames, self.feature_dim), np.float32)
+    instruction_ids, instruction_mask = self.instructions[self.default_task]
+    counts = {"cluster_counts": np.zeros((frames,), np.int32)} if self.cluster_counts else {}
     return {
-        **self._visual(empty, np.zeros((self.max_frames,), bool)),
-        "instruction_ids": self.instruction_ids.copy(),
-        "instruction_mask": self.instruction_mask.copy(),
+        **self._visual(empty, np.zeros((frames,), bool)),
+        **counts,
+        "instruction_ids": instruction_ids.copy(),
+        "instruction_mask": instruction_mask.copy(),
         "label_ids": np.full((self.max_label,), self.pad_id, np.int32),
         "label_mask": np.zeros((self.max_label,), bool),
         "example_mask": np.bool_(False),
         "id": np.asarray("", dtype=object),
         "text": np.asarray("", dtype=object),
+        "task": np.asarray("", dtype=object),
         **self._ctc_targets("", ""),
     }
 
@@ -251,13 +304,25 @@ class _SafeSource(grain.RandomAccessDataSource):
     return index, record
 
 
-class _EncodeTransform(grain.MapTransform):
-  def __init__(self, encoder: _Encoder):
-    self._encoder = encoder
+class _EncodeTransform(grain.RandomMapTransform):
+  """(index, record) -> example; with ``lengths``, padded to the planned bucket.
 
-  def map(self, element):
+  With buckets a corrupt record becomes a filler of its bucket (the batch's
+  other rows are already planned), instead of being dropped. The sampler's
+  per-record rng drives augmentation, so a resumed run sees the same crops.
+  """
+
+  def __init__(self, encoder: _Encoder, lengths=None):
+    self._encoder = encoder
+    self._lengths = lengths
+
+  def random_map(self, element, rng):
     index, record = element
-    return self._encoder(index, record)
+    if self._lengths is None:
+      return self._encoder(index, record, rng=rng)
+    frames = bucketing.bucket_of(int(self._lengths[index]), self._encoder.buckets)
+    example = self._encoder(index, record, frames, rng)
+    return self._encoder.filler(frames) if example is None else example
 
 
 class _DropCorrupt(grain.FilterTransform):
@@ -279,22 +344,29 @@ def make_train_loader(data_cfg, tokenizer, *, global_batch_size: int, seed: int,
 
   ``iter(loader)`` is checkpointable (``get_state``/``set_state``, or orbax's
   ``grain.PyGrainCheckpointSave/Restore``). ``source`` replaces the prepared
-  train split (any random-access source of records; for tests).
+  train split (any random-access source of records; for tests). With several
+  length buckets (``data.frame_buckets``) and a source that knows its
+  records' ``lengths``, every global batch comes from one bucket
+  (``bucketing.BucketBatchSampler``); otherwise clips pad to ``max_frames``.
   """
   source = data_source(data_cfg, "train") if source is None else source
-  feature_dim = getattr(source, "feature_dim", None)
-  source = _SafeSource(source)
-  sampler = grain.IndexSampler(
-      num_records=len(source),
-      shard_options=grain.ShardByJaxProcess(drop_remainder=True),
-      shuffle=True, num_epochs=None, seed=int(seed))
-  operations = [
-      _EncodeTransform(_Encoder(data_cfg, tokenizer, feature_dim)),
-      _DropCorrupt(),  # before batching, so batches stay full
-      grain.Batch(_per_process_batch(global_batch_size), drop_remainder=True),
-  ]
-  return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
-                          worker_count=int(data_cfg.worker_count))
+  encoder = _Encoder(data_cfg, tokenizer, getattr(source, "feature_dim", None))
+  lengths = getattr(source, "lengths", None)
+  per_process = _per_process_batch(global_batch_size)
+  shard = grain.ShardByJaxProcess(drop_remainder=True)
+  safe = _SafeSource(source)
+  if lengths is not None and len(encoder.buckets) > 1:
+    sampler = bucketing.BucketBatchSampler(lengths, encoder.buckets, global_batch_size, seed)
+    operations = [_EncodeTransform(encoder, lengths),
+                  grain.Batch(per_process, drop_remainder=True)]
+  else:
+    sampler = grain.IndexSampler(num_records=len(safe), shard_options=shard, shuffle=True,
+                                 num_epochs=None, seed=int(seed))
+    operations = [_EncodeTransform(encoder),
+                  _DropCorrupt(),  # before batching, so batches stay full
+                  grain.Batch(per_process, drop_remainder=True)]
+  return grain.DataLoader(data_source=safe, sampler=sampler, operations=operations,
+                          worker_count=int(data_cfg.worker_count), shard_options=shard)
 
 
 def _stack(rows):
@@ -309,9 +381,12 @@ def eval_batches(data_cfg, tokenizer, split: str, *, global_batch_size: int,
   slice of B = G / process_count rows, so every process yields the same
   number of batches. Rows past the end of the split, and corrupt records,
   become fillers (``example_mask`` False). ``max_batches`` < 0: the whole split.
+  Frames pad to the bucket of the global batch's longest clip (from the
+  source's ``lengths``, so all processes agree; else ``max_frames``).
   """
   source = data_source(data_cfg, split) if source is None else source
   encoder = _Encoder(data_cfg, tokenizer, getattr(source, "feature_dim", None))
+  lengths = getattr(source, "lengths", None)
   source = _SafeSource(source)
   per_process = _per_process_batch(global_batch_size)
   num_records = len(source)
@@ -320,11 +395,15 @@ def eval_batches(data_cfg, tokenizer, split: str, *, global_batch_size: int,
     num_batches = min(num_batches, max_batches)
   offset = jax.process_index() * per_process
   for b in range(num_batches):
+    frames = encoder.max_frames
+    if lengths is not None:
+      longest = int(np.max(lengths[b * global_batch_size:(b + 1) * global_batch_size]))
+      frames = max(bucketing.bucket_of(longest, encoder.buckets), 0) or encoder.max_frames
     rows = []
     for index in range(b * global_batch_size + offset,
                        b * global_batch_size + offset + per_process):
       example = None
       if index < num_records:
-        example = encoder(*source[index])
-      rows.append(encoder.filler() if example is None else example)
+        example = encoder(*source[index], frames)
+      rows.append(encoder.filler(frames) if example is None else example)
     yield _stack(rows)

@@ -13,10 +13,10 @@ import functools
 import os
 import pathlib
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vsrllm_jax.data import builder_base
 from vsrllm_jax.data import grid_grammar
 from vsrllm_jax.data import mouth_renderer
 from vsrllm_jax.data import visemes as visemes_lib
@@ -120,7 +120,7 @@ def config_name(spec: SyntheticLipsSpec) -> str:
   return f"s{spec.image_size}_f{spec.max_frames}_{spec.fingerprint()}"
 
 
-class SyntheticLips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class SyntheticLips(builder_base.LocalBuilder, skip_registration=True):
   """Synthetic lip-reading clips; construct with ``SyntheticLips(spec=...)``.
 
   Not registered with tfds (importing this module twice must not clash);
@@ -139,14 +139,7 @@ class SyntheticLips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                                    description="see SyntheticLipsSpec")
     elif spec is not None and spec != config.spec:
       raise ValueError("SyntheticLips got both spec and a config with another spec")
-    kwargs.setdefault("file_format", "array_record")
     super().__init__(config=config, **kwargs)
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # tfds's own lookup needs the optional `importlib_resources` package.
-    return epath.Path(__file__)
 
   @property
   def spec(self) -> SyntheticLipsSpec:

@@ -4,9 +4,8 @@ from __future__ import annotations
 import json
 import os
 
-from vsrllm_jax.models import layers
+from vsrllm_jax.models import encoders, layers
 from vsrllm_jax.models.llm import LlmConfig
-from vsrllm_jax.models.video_encoder import VideoEncoderConfig
 from vsrllm_jax.models.vsr_model import VSRModel
 
 
@@ -26,12 +25,10 @@ def llm_config(config) -> LlmConfig:
   return LlmConfig.from_config_dict(config.llm, config.llm.vocab_size, **dtypes)
 
 
-def encoder_config(config) -> VideoEncoderConfig:
-  """The encoder's shape: from ``encoder.path``'s config.json, else ``config.encoder``."""
-  if config.encoder.path:
-    from vsrllm_jax.models import encoder_io  # pylint: disable=g-import-not-at-top
-    return encoder_io.read_config(config.encoder.path)
-  return VideoEncoderConfig.from_config_dict(config.encoder)
+def encoder_config(config) -> encoders.EncoderConfig:
+  """The encoder's shape: from ``encoder.path`` (a directory or fairseq .pt), else
+  ``config.encoder`` (see ``encoders``)."""
+  return encoders.config_from(config.encoder)
 
 
 def build_model(config) -> VSRModel:

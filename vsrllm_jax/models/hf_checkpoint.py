@@ -55,7 +55,7 @@ def _hf_layer_map(cfg: LlmConfig) -> list[tuple[str, tuple[str, ...], str]]:
   return rows
 
 
-def _hf_shape(shape: tuple[int, ...], how: str) -> tuple[int, ...]:
+def hf_shape(shape: tuple[int, ...], how: str) -> tuple[int, ...]:
   """The HF shape of a tensor whose shape is ``shape`` in our layout."""
   size = int(np.prod(shape))
   return {"heads": (size // shape[0], shape[0]), "out": (shape[-1], size // shape[-1]),
@@ -98,7 +98,7 @@ def _convert(tensors, name: str, how: str, shape: tuple[int, ...], idx: tuple[sl
 
 
 @dataclasses.dataclass(frozen=True)
-class _Param:
+class ParamSpec:
   """One of our params and the HF tensors it is read from (one per layer if stacked)."""
   path: tuple[str, ...]
   shape: tuple[int, ...]  # ours; a stacked param leads with the layers axis
@@ -130,7 +130,7 @@ class _Param:
     return out
 
 
-def _plan(config: LlmConfig, shapes, tensors, source: str) -> list[_Param]:
+def _plan(config: LlmConfig, shapes, tensors, source: str) -> list[ParamSpec]:
   """Every param (``shapes``: the model's) with its HF tensors, checked against ``tensors``."""
   c = config
   shapes = flax.traverse_util.flatten_dict(nn.meta.unbox(shapes))
@@ -138,12 +138,12 @@ def _plan(config: LlmConfig, shapes, tensors, source: str) -> list[_Param]:
          (("final_norm", "scale"), "model.norm.weight", "copy")]
   if not c.tie_word_embeddings:
     top.append((("lm_head", "kernel"), "lm_head.weight", "linear"))
-  plan = [_Param(path, tuple(shapes[path].shape), (name,), how, False)
+  plan = [ParamSpec(path, tuple(shapes[path].shape), (name,), how, False)
           for path, name, how in top if path in shapes]
   for suffix, path, how in _hf_layer_map(c):
     path = ("layers",) + path
     if path in shapes:
-      plan.append(_Param(path, tuple(shapes[path].shape),
+      plan.append(ParamSpec(path, tuple(shapes[path].shape),
                          tuple(f"model.layers.{i}.{suffix}" for i in range(c.num_layers)),
                          how, True))
   unmapped = sorted("/".join(p) for p in set(shapes) - {p.path for p in plan})
@@ -152,7 +152,7 @@ def _plan(config: LlmConfig, shapes, tensors, source: str) -> list[_Param]:
                      "LlmConfig (extend hf_checkpoint._hf_layer_map)")
   used, missing = set(), []
   for p in plan:
-    want = _hf_shape(p.shape[1:] if p.stacked else p.shape, p.how)
+    want = hf_shape(p.shape[1:] if p.stacked else p.shape, p.how)
     for name in p.names:
       if name not in tensors:
         missing.append(name)
@@ -172,7 +172,7 @@ def _plan(config: LlmConfig, shapes, tensors, source: str) -> list[_Param]:
   return plan
 
 
-def _tree(plan: list[_Param], leaves) -> dict:
+def param_tree(plan: list[ParamSpec], leaves) -> dict:
   return flax.traverse_util.unflatten_dict({p.path: leaf for p, leaf in zip(plan, leaves)})
 
 
@@ -204,7 +204,7 @@ def from_hf_state_dict(config: LlmConfig, tensors: Mapping[str, np.ndarray], *,
   tensors = _InMemory(tensors)
   plan = _plan(config, _param_shapes(config), tensors, source)
   pdt = dtype_from_name(config.param_dtype)
-  return _tree(plan, [p.read(tensors, (), pdt) for p in plan])
+  return param_tree(plan, [p.read(tensors, (), pdt) for p in plan])
 
 
 def to_hf_state_dict(config: LlmConfig, params) -> dict[str, np.ndarray]:
@@ -283,7 +283,7 @@ class _SafetensorsFiles:
     return out
 
 
-def _open_safetensors(path: pathlib.Path) -> _SafetensorsFiles:
+def open_safetensors(path: pathlib.Path) -> _SafetensorsFiles:
   """model.safetensors, or the shards listed by model.safetensors.index.json."""
   single, index = path / "model.safetensors", path / "model.safetensors.index.json"
   if single.is_file():
@@ -324,7 +324,7 @@ def from_pretrained(path, *, dtype: str = "float32", param_dtype: str | None = N
     raise ValueError("from_pretrained: mesh given without rules (logical axis -> mesh axes, "
                      "e.g. config.sharding_rules)")
   hf = json.loads(cfg_file.read_text())
-  tensors = _open_safetensors(path)
+  tensors = open_safetensors(path)
   if param_dtype is None:
     norm = "model.norm.weight"
     param_dtype = default_param_dtype(str(tensors.dtype(norm)) if norm in tensors else "")
@@ -337,11 +337,11 @@ def from_pretrained(path, *, dtype: str = "float32", param_dtype: str | None = N
   else:
     shardings = flax.traverse_util.flatten_dict(
         sharding_lib.logical_shardings(boxed, mesh, rules))
-    leaves = [_place(p, tensors, pdt, shardings[p.path]) for p in plan]
-  return LlamaModel(config), _tree(plan, leaves)
+    leaves = [place_param(p, tensors, pdt, shardings[p.path]) for p in plan]
+  return LlamaModel(config), param_tree(plan, leaves)
 
 
-def _place(param: _Param, tensors, dtype, target: jax.sharding.Sharding) -> jax.Array:
+def place_param(param: ParamSpec, tensors, dtype, target: jax.sharding.Sharding) -> jax.Array:
   """One param straight into ``target``, one distinct slice in host memory at a time.
 
   Each slice is read (and converted) once, put on every device that holds it,

@@ -14,10 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vsrllm_jax.models import ctc, deduplication, projectors
+from vsrllm_jax.models import ctc, deduplication, encoders, projectors
 from vsrllm_jax.models.llm import LlamaModel, LlmConfig
 from vsrllm_jax.models.projectors.base import ProjectorOutput
-from vsrllm_jax.models.video_encoder import VideoEncoder, VideoEncoderConfig
 
 
 def previous_real_index(mask: jax.Array) -> jax.Array:
@@ -30,7 +29,7 @@ def previous_real_index(mask: jax.Array) -> jax.Array:
 
 class VSRModel(nn.Module):
   """batch -> dict(logits [B, Ll, V], projector ProjectorOutput, ...)."""
-  encoder_config: VideoEncoderConfig
+  encoder_config: encoders.EncoderConfig
   projector_config: Any          # mapping of projector fields incl. 'name'
   llm_config: LlmConfig
   dtype: Any = jnp.float32
@@ -39,7 +38,7 @@ class VSRModel(nn.Module):
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.encoder = VideoEncoder(self.encoder_config, **kw)
+    self.encoder = encoders.build(self.encoder_config, **kw)
     self.projector = projectors.build(self.projector_config["name"], self.projector_config,
                                       output_dim=self.llm_config.hidden_dim, **kw)
     self.llm = LlamaModel(self.llm_config)
@@ -55,7 +54,10 @@ class VSRModel(nn.Module):
     if "features" in batch:
       return jax.lax.stop_gradient(batch["features"]), batch["features_mask"].astype(bool)
     feats = self.encoder(batch["video"], batch["video_mask"])
-    return jax.lax.stop_gradient(feats), batch["video_mask"].astype(bool)
+    mask = batch["video_mask"].astype(bool)
+    if isinstance(feats, tuple):   # an image tower: its own tokens and mask
+      feats, mask = feats
+    return jax.lax.stop_gradient(feats), mask
 
   def embed_ids(self, ids):
     """Frozen LLM embedding table lookup. ids [B, L] -> [B, L, E]."""

@@ -1,0 +1,230 @@
+"""CLIP / SigLIP vision towers from local Hugging Face checkpoint directories.
+
+Reads ``config.json`` (+ ``preprocessor_config.json`` when present) and
+``model.safetensors`` (or the shards of ``model.safetensors.index.json``) of a
+``CLIPVisionModel``, ``CLIPModel``, ``SiglipVisionModel`` or ``SiglipModel``
+directory, through the same reader as the LLM loader (``hf_checkpoint``):
+plain reads, one param at a time, and with a mesh each device's slice read
+and placed on its own. The vision tensors are found by their patch
+embedding: ``embeddings.patch_embedding.weight`` under whatever prefix the
+file uses (none for transformers 5's ``CLIPVisionModel``, ``vision_model.``
+for the two-tower models and older files, ``model.vision_tower.vision_model.``
+or similar inside a VLM). Keys outside that prefix (text tower, projections,
+logit scale) are ignored; inside it, the only tolerated extras are the
+position-id buffer, SigLIP's pooling head, an unused post-layernorm and the
+layers past ``feature_layer``. Anything else missing or unexpected raises.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vsrllm_jax import sharding as sharding_lib
+from vsrllm_jax.models import hf_checkpoint
+from vsrllm_jax.models.layers import dtype_from_name
+from vsrllm_jax.models.vision_tower import VisionTower, VisionTowerConfig
+
+PATCH_KEY = "embeddings.patch_embedding.weight"
+_PREPROCESSOR = "preprocessor_config.json"
+
+
+def _layer_rows() -> list[tuple[str, tuple[str, ...], str]]:
+  """(HF suffix under encoder.layers.{i}., our path under 'layers', conversion)."""
+  rows = []
+  for norm in ("layer_norm1", "layer_norm2"):
+    rows += [(f"{norm}.weight", (norm, "scale"), "copy"), (f"{norm}.bias", (norm, "bias"), "copy")]
+  for hf, ours in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
+    rows += [(f"self_attn.{hf}.weight", ("self_attn", ours, "kernel"), "heads"),
+             (f"self_attn.{hf}.bias", ("self_attn", ours, "bias"), "heads_bias")]
+  rows += [("self_attn.out_proj.weight", ("self_attn", "out", "kernel"), "out"),
+           ("self_attn.out_proj.bias", ("self_attn", "out", "bias"), "copy")]
+  for fc in ("fc1", "fc2"):
+    rows += [(f"mlp.{fc}.weight", (fc, "kernel"), "linear"),
+             (f"mlp.{fc}.bias", (fc, "bias"), "copy")]
+  return rows
+
+
+_TOP_ROWS = [
+    (("embeddings", "patch_embedding", "kernel"), PATCH_KEY, "copy"),  # via the conv view
+    (("embeddings", "patch_embedding", "bias"), "embeddings.patch_embedding.bias", "copy"),
+    (("embeddings", "class_embedding"), "embeddings.class_embedding", "copy"),
+    (("embeddings", "position_embedding"), "embeddings.position_embedding.weight", "copy"),
+    (("pre_layernorm", "scale"), "pre_layrnorm.weight", "copy"),  # sic: HF's spelling
+    (("pre_layernorm", "bias"), "pre_layrnorm.bias", "copy"),
+    (("post_layernorm", "scale"), "post_layernorm.weight", "copy"),
+    (("post_layernorm", "bias"), "post_layernorm.bias", "copy"),
+]
+
+
+class _VisionTensors:
+  """The vision tensors of a checkpoint, prefix stripped, behind ``hf_checkpoint``'s reader.
+
+  The patch convolution is presented in our layout ([p, p, C, D] from torch's
+  [D, C, p, p]); it is small, so it is read whole and transposed.
+  """
+
+  def __init__(self, files, prefix: str):
+    self._files, self.prefix = files, prefix
+
+  def __contains__(self, name):
+    return self.prefix + name in self._files
+
+  def names(self):
+    n = len(self.prefix)
+    return [k[n:] for k in self._files.names() if k.startswith(self.prefix)]
+
+  def shape(self, name):  # as stored
+    return tuple(self._files.shape(self.prefix + name))
+
+  def dtype(self, name):
+    return self._files.dtype(self.prefix + name)
+
+  def rows(self, name, start, stop):
+    full = self.prefix + name
+    if name == PATCH_KEY:
+      w = self._files.rows(full, 0, self._files.shape(full)[0])
+      return np.ascontiguousarray(w.transpose(2, 3, 1, 0)[start:stop])
+    return self._files.rows(full, start, stop)
+
+
+def find_prefix(names, source: str) -> str:
+  """The key prefix of the (single) vision tower: the text before its patch embedding."""
+  found = sorted(k[:-len(PATCH_KEY)] for k in names
+                 if k == PATCH_KEY or k.endswith("." + PATCH_KEY))
+  if len(found) != 1:
+    raise ValueError(f"{source}: expected exactly one vision tower, i.e. one tensor named "
+                     f"'[<prefix>]{PATCH_KEY}'; found {len(found)}: "
+                     f"{[p + PATCH_KEY for p in found][:5]}")
+  return found[0]
+
+
+def _stored_shape(shape: tuple[int, ...], name: str, how: str) -> tuple[int, ...]:
+  """The checkpoint shape that one of our (per-layer) shapes needs."""
+  if name == PATCH_KEY:  # ours [p, p, C, D] <- torch [D, C, p, p]
+    return (shape[3], shape[2], shape[0], shape[1])
+  return hf_checkpoint.hf_shape(shape, how)
+
+
+def _plan(config: VisionTowerConfig, shapes, tensors: _VisionTensors, source: str):
+  """Every param with the tensors it is read from, checked against the checkpoint."""
+  Param = hf_checkpoint.ParamSpec
+  shapes = flax.traverse_util.flatten_dict(nn.meta.unbox(shapes))
+  plan = [Param(path, tuple(shapes[path].shape), (name,), how, False)
+          for path, name, how in _TOP_ROWS if path in shapes]
+  for suffix, path, how in _layer_rows():
+    path = ("layers",) + path
+    if path in shapes:
+      plan.append(Param(path, tuple(shapes[path].shape),
+                        tuple(f"encoder.layers.{i}.{suffix}" for i in range(config.layers_used)),
+                        how, True))
+  unmapped = sorted("/".join(p) for p in set(shapes) - {p.path for p in plan})
+  if unmapped:
+    raise ValueError(f"{source}: no checkpoint tensor maps to the params {unmapped} "
+                     "(extend vision_checkpoint._TOP_ROWS / _layer_rows)")
+  used, missing, wrong = set(), [], []
+  for p in plan:
+    want_shape = p.shape[1:] if p.stacked else p.shape
+    for name in p.names:
+      if name not in tensors:
+        missing.append(tensors.prefix + name)
+        continue
+      used.add(name)
+      want = _stored_shape(want_shape, name, p.how)
+      if tensors.shape(name) != want:
+        wrong.append(f"{tensors.prefix + name}: {tensors.shape(name)} != expected {want}")
+  unexpected = sorted(tensors.prefix + k for k in tensors.names()
+                      if k not in used and not _tolerated(k, config))
+  if missing or unexpected or wrong:
+    raise ValueError(
+        f"{source}: vision tensors do not match config.json: missing keys {missing[:10]}"
+        f"{'...' if len(missing) > 10 else ''}, unexpected keys {unexpected[:10]}"
+        f"{'...' if len(unexpected) > 10 else ''}, wrong shapes {wrong[:10]}")
+  return plan
+
+
+def _tolerated(name: str, config: VisionTowerConfig) -> bool:
+  """Vision keys that are known but not loaded (see the module docstring)."""
+  if name == "embeddings.position_ids" or name.startswith("head."):
+    return True
+  if name.startswith("post_layernorm.") and not config.post_layernorm:
+    return True
+  parts = name.split(".")
+  if name.startswith("encoder.layers.") and len(parts) > 2 and parts[2].isdigit():
+    return config.layers_used <= int(parts[2]) < config.num_hidden_layers
+  return False
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+  try:
+    blob = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(blob, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(blob).__name__}")
+  return blob
+
+
+def read_config(path, **overrides) -> VisionTowerConfig:
+  """The tower's config from ``path/config.json`` (+ ``preprocessor_config.json``).
+
+  ``overrides``: any ``VisionTowerConfig`` field (``feature_layer``,
+  ``drop_cls``, ``post_layernorm``, ``dtype``, ...). Weights are not read.
+  """
+  path = pathlib.Path(path)
+  cfg_file, pre_file = path / "config.json", path / _PREPROCESSOR
+  if not cfg_file.is_file():
+    raise FileNotFoundError(f"{cfg_file} not found: expected a Hugging Face CLIP/SigLIP "
+                            "checkpoint directory")
+  pre = _read_json(pre_file) if pre_file.is_file() else None
+  return VisionTowerConfig.from_hf_config(_read_json(cfg_file), source=str(cfg_file),
+                                          preprocessor=pre, preprocessor_source=str(pre_file),
+                                          **overrides)
+
+
+def param_shapes(config: VisionTowerConfig, boxed: bool = False):
+  """The tower's param shapes (with logical axis names if ``boxed``), allocating nothing."""
+  image = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.uint8)
+  shapes = jax.eval_shape(VisionTower(config).init, jax.random.PRNGKey(0), image)["params"]
+  return shapes if boxed else nn.meta.unbox(shapes)
+
+
+def from_pretrained_vision(path, dtype: str = "float32", param_dtype: str | None = None,
+                           mesh: jax.sharding.Mesh | None = None, rules=None, **overrides):
+  """(VisionTowerConfig, params) from a local CLIP/SigLIP checkpoint directory.
+
+  Apply with ``VisionTower(config).apply({'params': params}, images)``.
+  ``param_dtype=None``: bfloat16 on accelerators, else the stored dtype.
+  Without ``mesh`` params are host numpy arrays; with ``mesh`` and ``rules``
+  (logical axis -> mesh axes, as ``config.sharding_rules``) they are
+  ``jax.Array``s in their ``NamedSharding``. ``overrides`` as ``read_config``.
+  """
+  path = pathlib.Path(path)
+  if mesh is not None and rules is None:
+    raise ValueError("from_pretrained_vision: mesh given without rules (logical axis -> mesh "
+                     "axes, e.g. config.sharding_rules)")
+  if not (path / "config.json").is_file():
+    raise FileNotFoundError(f"{path / 'config.json'} not found: expected a Hugging Face "
+                            "CLIP/SigLIP checkpoint directory")
+  files = hf_checkpoint.open_safetensors(path)
+  tensors = _VisionTensors(files, find_prefix(files.names(), str(path)))
+  if param_dtype is None:
+    param_dtype = hf_checkpoint.default_param_dtype(str(tensors.dtype(PATCH_KEY)))
+  config = read_config(path, dtype=dtype, param_dtype=param_dtype, **overrides)
+  boxed = param_shapes(config, boxed=True)
+  plan = _plan(config, boxed, tensors, str(path))
+  pdt = dtype_from_name(config.param_dtype)
+  if mesh is None:
+    leaves = [p.read(tensors, (), pdt) for p in plan]
+  else:
+    shardings = flax.traverse_util.flatten_dict(
+        sharding_lib.logical_shardings(boxed, mesh, rules))
+    place = hf_checkpoint.place_param
+    leaves = [place(p, tensors, pdt, shardings[p.path]) for p in plan]
+  return config, hf_checkpoint.param_tree(plan, leaves)
