@@ -9,7 +9,11 @@ greedy with EOS disabled so both produce exactly --new_tokens tokens per row
 --threads threads and its default (sdpa) attention, under inference_mode.
 Prints JSON lines: compile time (ours, separate), then the median over --runs
 timed runs of each side, new tokens per second, the ratio (goal >= 2), and the
-fraction of generated tokens that agree.
+fraction of generated tokens that agree. Last, what this machine allows: the
+prefill's matmul FLOPs at the XLA matmul rate measured here, plus one weight
+read per further token at the skinny-matmul (batch-rows x weights) bandwidth
+measured here; ``floor_s`` is that sum and ``best_ratio`` = theirs / floor,
+the ratio a decoder with no overhead at all would reach against this torch.
 """
 import argparse
 import functools
@@ -109,6 +113,42 @@ def main():
                     "speedup": round(theirs_s / ours_s, 2),
                     "tokens_equal": round(float(np.mean(ours_tokens == their_tokens)), 4),
                     "rows_equal": int(np.all(ours_tokens == their_tokens, axis=1).sum())}))
+  floor = _floor(a)
+  print(json.dumps(dict(floor, best_ratio=round(theirs_s / floor["floor_s"], 2),
+                        ours_over_floor=round(ours_s / floor["floor_s"], 2))))
+
+
+def _median_time(fn, runs=15):
+  fn()
+  times = []
+  for _ in range(runs):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def _floor(a) -> dict:
+  """Lower bound on greedy decode time from two rates measured on this machine."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  kv = a.hidden // a.heads * a.kv_heads
+  layer_weights = a.hidden * (2 * a.hidden + 2 * kv) + 3 * a.hidden * a.ffn   # q,o,k,v + MLP
+  prefill_flops = 2 * a.batch * a.prompt * a.layers * layer_weights + 2 * a.batch * a.hidden * a.vocab
+  step_bytes = 4 * (a.layers * layer_weights + a.hidden * a.vocab)             # fp32, + head
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.random((a.batch * a.prompt, a.hidden), np.float32))
+  w = jnp.asarray(rng.random((a.hidden, a.ffn), np.float32))
+  mm = jax.jit(jnp.matmul)
+  flops_per_s = 2 * x.shape[0] * a.hidden * a.ffn / _median_time(
+      lambda: mm(x, w).block_until_ready())
+  rows = jnp.asarray(rng.random((a.batch, a.hidden), np.float32))
+  head = jnp.asarray(rng.random((a.hidden, a.vocab), np.float32))
+  bytes_per_s = 4 * head.size / _median_time(lambda: mm(rows, head).block_until_ready())
+  floor = prefill_flops / flops_per_s + (a.new_tokens - 1) * step_bytes / bytes_per_s
+  return {"matmul_gflops": round(flops_per_s / 1e9, 1),
+          "skinny_matmul_gb_per_s": round(bytes_per_s / 1e9, 2),
+          "step_weight_mb": round(step_bytes / 1e6, 1), "floor_s": round(floor, 4)}
 
 
 if __name__ == "__main__":
