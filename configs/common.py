@@ -54,6 +54,7 @@ def get_base_config() -> ConfigDict:
   c.seed = 0
   c.total_steps = 2000
   c.batch_size = 16            # global batch, split over the data-parallel devices
+  c.grad_accum_steps = 1       # k > 1: k micro-batches of batch_size / k per update
   c.eval_batch_size = 32
   c.log_every = 100
   c.eval_every = 500           # validation WER/CER (also picks the best checkpoint)

@@ -77,3 +77,21 @@ def test_same_loss_on_one_and_eight_devices(single, shape):
     emb = new8.params["llm"]["embed_tokens"]["embedding"]
     assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
     assert emb.addressable_shards[0].data.shape == (emb.shape[0] // 2, emb.shape[1] // 2)
+
+
+@pytest.mark.parametrize("accum", [4])
+def test_gradient_accumulation_equals_one_large_batch(accum):
+  """k micro-batches (with unequal label-token counts) give the whole batch's update."""
+  config = tiny_config("mlp")
+  mesh = sharding.make_mesh((2, 2, 2))
+  batch = random_batch(config, config.batch_size, seed=3)   # label lengths differ per row
+  state, step, _ = make(config, mesh)
+  new1, m1 = step(state, sharding.global_batch(batch, mesh))
+  with config.unlocked():
+    config.grad_accum_steps = accum
+  state, step_k, _ = make(config, mesh)
+  new_k, m_k = step_k(state, sharding.global_batch(batch, mesh))
+  assert float(m_k["train/loss"]) == pytest.approx(float(m1["train/loss"]), abs=1e-5)
+  assert float(m_k["train/grad_norm"]) == pytest.approx(float(m1["train/grad_norm"]), rel=1e-4)
+  for a, b in zip(jax.tree.leaves(new1.params["projector"]), jax.tree.leaves(new_k.params["projector"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from vsrllm_jax import losses, optim, sharding
@@ -58,23 +59,68 @@ def check_loss_weights(model: VSRModel, state: TrainState, config, batch) -> lis
   return sorted(named)
 
 
+def _label_tokens(batch) -> jax.Array:
+  """Label tokens that count in the LM loss (a micro-batch's weight under accumulation)."""
+  mask = batch["label_mask"].astype(bool)
+  if "example_mask" in batch:
+    mask = mask & batch["example_mask"][:, None].astype(bool)
+  return jnp.sum(mask).astype(jnp.float32)
+
+
+def _micro_batches(batch, k: int):
+  """[B, ...] -> [k, B/k, ...]: micro-batch j holds rows j, j+k, j+2k, ... so that each
+  device's contiguous shard of the batch splits locally."""
+  def split(x):
+    if x.shape[0] % k:
+      raise ValueError(f"batch of {x.shape[0]} rows does not split into "
+                       f"config.grad_accum_steps={k} micro-batches")
+    return jnp.moveaxis(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 1, 0)
+  return jax.tree.map(split, batch)
+
+
 def make_train_step(model: VSRModel, tx: optax.GradientTransformation, labels, config,
                     schedules: dict[str, Callable], state_shardings, mesh) -> Callable:
-  """A jitted ``step(state, batch) -> (state, metrics)`` with the state donated."""
+  """A jitted ``step(state, batch) -> (state, metrics)`` with the state donated.
+
+  ``config.grad_accum_steps`` = k > 1 splits the batch into k micro-batches
+  run one after another (activation memory of one micro-batch) and applies
+  one update with their gradients weighted by label tokens: for the LM loss,
+  exactly the gradient of the whole batch. Batch-level auxiliary losses
+  (InfoNCE negatives, routing statistics) see one micro-batch at a time.
+  """
   weights = dict(config.loss_weights)
   seed = config.seed
+  accum = int(config.get("grad_accum_steps", 1))
+  if accum < 1:
+    raise ValueError(f"config.grad_accum_steps={accum} must be >= 1")
 
   def step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     trainable, frozen = optim.split(state.params, labels)
     frozen = jax.lax.stop_gradient(frozen)
 
-    def loss_fn(trainable):
+    def loss_fn(trainable, batch, rng):
       params = optim.merge(trainable, frozen)
       named, extra = compute_losses(model, params, state.model_state, batch, train=True, rng=rng)
       return losses.weighted_total(named, weights), (named, extra)
 
-    (total, (named, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum == 1:
+      (total, (named, extra)), grads = grad_fn(trainable, batch, rng)
+    else:
+      micro = _micro_batches(batch, accum)
+      share = jax.vmap(_label_tokens)(micro)
+      share = share / jnp.maximum(jnp.sum(share), 1.0)              # [k], sums to 1
+
+      def one(acc, xs):
+        mb, w, i = xs
+        out, grads = grad_fn(trainable, mb, jax.random.fold_in(rng, i))
+        acc = jax.tree.map(lambda a, g: a + w * g, acc, (out, grads))
+        return acc, None
+
+      zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, trainable, batch, rng))
+      ((total, (named, extra)), grads), _ = jax.lax.scan(
+          one, zero, (micro, share, jnp.arange(accum)))
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     metrics = {"train/loss": total, "train/grad_norm": optax.global_norm(grads),
