@@ -28,6 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+import machine_rates  # noqa: E402  (benchmarks/)
+
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -118,33 +120,14 @@ def main():
                         ours_over_floor=round(ours_s / floor["floor_s"], 2))))
 
 
-def _median_time(fn, runs=15):
-  fn()
-  times = []
-  for _ in range(runs):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
-
 def _floor(a) -> dict:
   """Lower bound on greedy decode time from two rates measured on this machine."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   kv = a.hidden // a.heads * a.kv_heads
   layer_weights = a.hidden * (2 * a.hidden + 2 * kv) + 3 * a.hidden * a.ffn   # q,o,k,v + MLP
   prefill_flops = 2 * a.batch * a.prompt * a.layers * layer_weights + 2 * a.batch * a.hidden * a.vocab
   step_bytes = 4 * (a.layers * layer_weights + a.hidden * a.vocab)             # fp32, + head
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.random((a.batch * a.prompt, a.hidden), np.float32))
-  w = jnp.asarray(rng.random((a.hidden, a.ffn), np.float32))
-  mm = jax.jit(jnp.matmul)
-  flops_per_s = 2 * x.shape[0] * a.hidden * a.ffn / _median_time(
-      lambda: mm(x, w).block_until_ready())
-  rows = jnp.asarray(rng.random((a.batch, a.hidden), np.float32))
-  head = jnp.asarray(rng.random((a.hidden, a.vocab), np.float32))
-  bytes_per_s = 4 * head.size / _median_time(lambda: mm(rows, head).block_until_ready())
+  flops_per_s = machine_rates.matmul_flops_per_s(a.batch * a.prompt, a.hidden, a.ffn)
+  bytes_per_s = machine_rates.weight_bytes_per_s(a.batch, a.hidden, a.vocab)
   floor = prefill_flops / flops_per_s + (a.new_tokens - 1) * step_bytes / bytes_per_s
   return {"matmul_gflops": round(flops_per_s / 1e9, 1),
           "skinny_matmul_gb_per_s": round(bytes_per_s / 1e9, 2),

@@ -14,7 +14,9 @@ ratio (goal >= 2.5), and the analytic FLOPs per step with the rate they imply
 (XLA's CPU cost analysis counts a scanned body once, so FLOPs are counted by
 hand: frozen LLM 2N forward + 2N activation-gradient per token plus attention,
 the projector's forward and both backward matmuls, the LM head at label
-positions only for us).
+positions only for us). Last line: this machine's fp32 matmul rate at the
+LLM's MLP shape, the step's floor at that rate, and the ratio a step with no
+overhead would reach against the peer.
 """
 import argparse
 import json
@@ -27,6 +29,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+
+import machine_rates  # noqa: E402  (benchmarks/)
 
 PEER = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                     "shared", "benchmarks", "peer_torch_step.py")
@@ -98,6 +102,9 @@ def main():
   from vsrllm_jax import sharding, train_state, train_step  # pylint: disable=g-import-not-at-top
   from vsrllm_jax.models import build as build_lib  # pylint: disable=g-import-not-at-top
 
+  # The machine's matmul rate, measured first while nothing else of ours is running.
+  peak = machine_rates.matmul_flops_per_s(a.batch * (a.instr_len + a.frames + a.label_len),
+                                          a.hidden, a.ffn)
   config = _config(a)
   mesh = sharding.make_mesh(config.mesh.shape)
   model = build_lib.build_model(config)
@@ -135,6 +142,10 @@ def main():
                     "peer_gflop": round(flops["peer"] / 1e9, 1),
                     "ours_gflop_per_s": round(flops["ours"] / ours_ms / 1e6, 1),
                     "peer_gflop_per_s": round(flops["peer"] / peer["median_step_ms"] / 1e6, 1)}))
+  floor_ms = flops["ours"] / peak * 1e3
+  print(json.dumps({"matmul_gflop_per_s": round(peak / 1e9, 1),
+                    "floor_ms": round(floor_ms, 1), "ours_over_floor": round(ours_ms / floor_ms, 2),
+                    "best_ratio": round(peer["median_step_ms"] / floor_ms, 2)}))
 
 
 if __name__ == "__main__":
