@@ -29,3 +29,32 @@ def matmul_flops_per_s(m: int, k: int, n: int) -> float:
 def weight_bytes_per_s(rows: int, k: int, n: int) -> float:
   """Bytes of weights per second through a skinny fp32 [rows, k] @ [k, n] (decode steps)."""
   return 4 * k * n * matmul_flops_per_s(rows, k, n) / (2 * rows * k * n)
+
+
+def time_train_step(config, batch, *, warmup: int, steps: int):
+  """Builds the config's model, state and jitted train step on the default mesh and times it.
+
+  ``batch``: host arrays. Returns (compile seconds, per-step seconds of the
+  ``steps`` timed steps after ``warmup`` untimed ones).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax import sharding, train_state, train_step  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax.models import build as build_lib  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(config.mesh.shape)
+  model = build_lib.build_model(config)
+  state, shardings, labels, tx, schedules = train_state.create_with_optimizer(model, config, mesh)
+  step = train_step.make_train_step(model, tx, labels, config, schedules, shardings, mesh)
+  batch = sharding.global_batch(batch, mesh)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  for _ in range(warmup):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  return compile_s, times

@@ -24,7 +24,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -99,30 +98,12 @@ def main():
   a = p.parse_args()
 
   import jax  # pylint: disable=g-import-not-at-top
-  from vsrllm_jax import sharding, train_state, train_step  # pylint: disable=g-import-not-at-top
-  from vsrllm_jax.models import build as build_lib  # pylint: disable=g-import-not-at-top
 
   # The machine's matmul rate, measured first while nothing else of ours is running.
   peak = machine_rates.matmul_flops_per_s(a.batch * (a.instr_len + a.frames + a.label_len),
                                           a.hidden, a.ffn)
-  config = _config(a)
-  mesh = sharding.make_mesh(config.mesh.shape)
-  model = build_lib.build_model(config)
-  state, shardings, labels, tx, schedules = train_state.create_with_optimizer(model, config, mesh)
-  step = train_step.make_train_step(model, tx, labels, config, schedules, shardings, mesh)
-  batch = sharding.global_batch(_batch(a), mesh)
-  t0 = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
-  for _ in range(a.warmup):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(a.steps):
-    t = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t)
+  compile_s, times = machine_rates.time_train_step(_config(a), _batch(a), warmup=a.warmup,
+                                                   steps=a.steps)
   ours_ms = statistics.median(times) * 1e3
 
   args = [f"--{n}={getattr(a, n)}" for n in SHAPE_FLAGS]

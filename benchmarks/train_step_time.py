@@ -12,7 +12,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,8 +21,8 @@ from ml_collections import config_flags  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+import machine_rates  # noqa: E402  (benchmarks/)
 from tests.tiny import random_batch  # noqa: E402
-from vsrllm_jax import sharding, train_state, train_step  # noqa: E402
 from vsrllm_jax.models import build as build_lib  # noqa: E402
 from vsrllm_jax.models import encoders  # noqa: E402
 
@@ -41,10 +40,7 @@ def main(argv):
   with config.unlocked():
     if not config.llm.path and config.llm.vocab_size <= 0:
       config.llm.vocab_size = _VOCAB.value
-  mesh = sharding.make_mesh(config.mesh.shape)
-  model = build_lib.build_model(config)
-  state, shardings, labels, tx, schedules = train_state.create_with_optimizer(model, config, mesh)
-  step = train_step.make_train_step(model, tx, labels, config, schedules, shardings, mesh)
+  model = build_lib.build_model(config)          # a module description: no weights yet
   with config.unlocked():
     config.llm.vocab_size = model.llm_config.vocab_size
   batch = random_batch(config, config.batch_size)
@@ -54,19 +50,8 @@ def main(argv):
     del batch["video"]
     batch["features"] = np.random.default_rng(0).normal(
         size=batch["features_mask"].shape + (dim,)).astype(np.float32)
-  batch = sharding.global_batch(batch, mesh)
-  t0 = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
-  for _ in range(_WARMUP.value):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(_STEPS.value):
-    t = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t)
+  compile_s, times = machine_rates.time_train_step(config, batch, warmup=_WARMUP.value,
+                                                   steps=_STEPS.value)
   print(json.dumps({"config": config.projector.name, "batch_size": config.batch_size,
                     "inputs": "features" if config.data.cache_features else "video",
                     "devices": len(jax.devices()), "compile_s": round(compile_s, 2),
