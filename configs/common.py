@@ -57,6 +57,9 @@ def get_base_config() -> ConfigDict:
   c.grad_accum_steps = 1       # k > 1: k micro-batches of batch_size / k per update
   c.eval_batch_size = 32
   c.log_every = 100
+  # (first, last) train steps to trace with jax.profiler into WORKDIR/profile
+  # (TensorBoard's profile plugin or Perfetto read it); () = no trace.
+  c.profile_steps = ()
   c.eval_every = 500           # validation WER/CER (also picks the best checkpoint)
   c.max_eval_batches = -1      # -1: the whole split
   c.checkpoint_every = 500

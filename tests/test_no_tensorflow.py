@@ -28,6 +28,7 @@ from tests.tiny_run_config import get_config
 from vsrllm_jax import train
 config = get_config("steps=2")
 config.eval_every = 2
+config.profile_steps = (1, 1)   # the profiler hook needs no TF either
 result = train.train_and_evaluate(config, {str(workdir)!r})
 print("RESULT", result)
 """
@@ -38,3 +39,4 @@ print("RESULT", result)
   keys = set().union(*records)
   assert {"train/loss", "val/wer", "test/wer"} <= keys
   assert not (workdir / "tensorboard").exists()
+  assert list((workdir / "profile").rglob("*.xplane.pb")), "no profiler trace written"

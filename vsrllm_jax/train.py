@@ -11,6 +11,7 @@ tensorboard/, config.json, run_info.json.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -81,13 +82,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       logging.info("step %d: new best val/wer %.4f", step, rates["wer"])
 
   shapes = set()  # distinct batch shapes = train-step compilations (length buckets)
+  profile = _ProfileWindow(config.get("profile_steps", ()), os.path.join(workdir, "profile"))
   for step in range(start, config.total_steps):
+    profile.before(step)
     batch = next(data_iter)
     inputs = train_step.model_inputs(batch)
     shapes.add(tuple(sorted((k, v.shape) for k, v in inputs.items())))
     state, metrics = step_fn(state, sharding.global_batch(inputs, mesh))
     pending.append(metrics)
     done = step + 1
+    profile.after(step, metrics)
     if done % config.log_every == 0 or done == config.total_steps:
       fetched = jax.device_get(pending)
       pending = []
@@ -101,11 +105,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     if done % config.checkpoint_every == 0 or done == config.total_steps or preemption.requested:
       ckpts.save(done, state, data_iter)
     if preemption.requested:
+      profile.close()
       writer.flush()
       ckpts.close()
       logging.warning("checkpoint saved at step %d after SIGTERM; exiting", done)
       return {"preempted_at": done}
 
+  profile.close()
   # Final evaluation on the best checkpoint (by validation WER).
   best_step = ckpts.best.best_step()
   params, model_state = state.params, state.model_state
@@ -127,6 +133,35 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   writer.close()
   ckpts.close()
   return {"test/wer": rates["wer"], "test/cer": rates["cer"]}
+
+
+class _ProfileWindow:
+  """Traces train steps ``first..last`` (inclusive) with jax.profiler into ``directory``."""
+
+  def __init__(self, steps, directory: str):
+    if steps and (len(steps) != 2 or not 0 <= steps[0] <= steps[1]):
+      raise ValueError(f"config.profile_steps={tuple(steps)} must be () or (first, last) with "
+                       "0 <= first <= last")
+    self.first, self.last = (tuple(int(s) for s in steps) if steps else (-1, -1))
+    self.directory = directory
+    self.active = False
+
+  def before(self, step: int) -> None:
+    if step == self.first:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, metrics) -> None:
+    if step == self.last:
+      jax.block_until_ready(metrics)
+      self.close()
+
+  def close(self) -> None:
+    """Ends an open trace (also when the run stops inside the window)."""
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+      logging.info("profile of train steps from %d written to %s", self.first, self.directory)
 
 
 def _per_task(prefix: str, rates: dict) -> dict[str, float]:
