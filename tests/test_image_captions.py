@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.log_capture import CollectWarnings
 from vsrllm_jax.data import image_captions as ic
 
 SIZE = 8
@@ -44,20 +45,11 @@ def _write_folder(root):
   (root / ic.MANIFEST).write_text(text)
 
 
-class _Collect(logging.Handler):
-  def __init__(self):
-    super().__init__(logging.WARNING)
-    self.messages = []
-
-  def emit(self, record):
-    self.messages.append(record.getMessage())
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
   root = tmp_path_factory.mktemp("folder")
   _write_folder(root)
-  handler = _Collect()
+  handler = CollectWarnings()
   logger = logging.getLogger(ic.__name__)
   logger.addHandler(handler)
   try:

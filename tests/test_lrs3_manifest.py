@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from tests.log_capture import CollectWarnings
 from vsrllm_jax.data import avhubert_preprocess as pre
 from vsrllm_jax.data import lrs3_fixture
 from vsrllm_jax.data import lrs3_manifest
@@ -50,15 +51,6 @@ def _clips(split, n, rng, *, pair_only_ids=False, with_counts=True):
   return out
 
 
-class _Collect(logging.Handler):
-  def __init__(self):
-    super().__init__(logging.WARNING)
-    self.messages = []
-
-  def emit(self, record):
-    self.messages.append(record.getMessage())
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
   root = tmp_path_factory.mktemp("lrs3")
@@ -70,7 +62,7 @@ def built(tmp_path_factory):
   trees = {s: lrs3_fixture.write_lrs3_like_tree(manual, c, s) for s, c in clips.items()}
   for index, kind in BROKEN.items():
     lrs3_fixture.break_sample(trees["train"], index, kind)
-  handler = _Collect()
+  handler = CollectWarnings()
   logger = logging.getLogger(lrs3_manifest.__name__)
   logger.addHandler(handler)
   try:
