@@ -45,12 +45,11 @@ def child(path: str, mode: str) -> None:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, ROOT)
   import jax  # pylint: disable=g-import-not-at-top
-  from configs.common import get_base_config  # pylint: disable=g-import-not-at-top
   from vsrllm_jax import sharding  # pylint: disable=g-import-not-at-top
   from vsrllm_jax.models import hf_checkpoint, llm  # pylint: disable=g-import-not-at-top
 
   mesh = sharding.make_mesh((1, 8, 1)) if mode == "mesh" else None
-  rules = get_base_config().sharding_rules
+  rules = sharding.PRESETS["fsdp_tp"]
   with open(os.path.join(path, "config.json")) as f:
     config = llm.LlmConfig.from_hf_config(json.load(f))
   hf_checkpoint._param_shapes(config, boxed=True)  # pylint: disable=protected-access

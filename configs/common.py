@@ -60,6 +60,10 @@ def get_base_config() -> ConfigDict:
   # (first, last) train steps to trace with jax.profiler into WORKDIR/profile
   # (TensorBoard's profile plugin or Perfetto read it); () = no trace.
   c.profile_steps = ()
+  # perf/mfu and perf/hfu need the chip's dense bf16 peak: known H100/H200/A100
+  # and TPU v4/v5e/v5p/v6e kinds are looked up (throughput.PEAK_FLOPS); > 0 overrides.
+  c.peak_flops_per_device = 0.0
+  c.log_hfu = True             # XLA's FLOP count of the step (one lowering per batch shape)
   c.eval_every = 500           # validation WER/CER (also picks the best checkpoint)
   c.max_eval_batches = -1      # -1: the whole split
   c.checkpoint_every = 500
@@ -67,16 +71,16 @@ def get_base_config() -> ConfigDict:
 
   # Device mesh (data, fsdp, tensor); -1 takes the remaining devices.
   c.mesh = ConfigDict(dict(shape=(-1, 1, 1)))
-  # Logical axis name -> mesh axes. Names not listed are replicated; an axis
-  # that does not divide a dimension is dropped for that array (logged).
-  c.sharding_rules = (
-      ("batch", ("data", "fsdp")),
-      ("embed", "fsdp"),
-      ("mlp", "tensor"),
-      ("heads", "tensor"),
-      ("kv_heads", "tensor"),
-      ("vocab", "tensor"),
-  )
+  # Where params and activations live (vsrllm_jax/sharding.py PRESETS): 'dp'
+  # (weights replicated), 'fsdp' (weights split over fsdp: frozen 7-8B LLMs) or
+  # 'fsdp_tp' (plus heads/MLP/vocab over tensor). On a mesh without fsdp and
+  # tensor axes (the default) all three are data parallel.
+  c.sharding = "fsdp_tp"
+  # Logical axis name -> mesh axes, replacing the preset when non-empty, e.g.
+  # (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("act_batch", ("data", "fsdp"))).
+  # Names not listed are replicated; an axis that does not divide a dimension
+  # is dropped for that array (logged).
+  c.sharding_rules = ()
 
   c.data = ConfigDict(dict(
       # synthetic_lips | lrs3 (VSP-LLM manifests + mp4) | image_captions (data/sources.py)
@@ -157,10 +161,18 @@ def get_base_config() -> ConfigDict:
       tie_word_embeddings=False,
       max_position_embeddings=512,
       remat_policy="none",
+      # 'cudnn': fused flash attention in training on NVIDIA GPUs (bf16); 'xla' anywhere.
+      attention_impl="xla",
+      # Decoder layers per scan iteration: 1 = a loop (compile time flat in
+      # depth); num_layers = no loop (faster steps on GPUs, longer compiles).
+      scan_unroll=1,
   ))
 
-  c.dtype = "float32"            # compute dtype of the models
-  c.param_dtype = "float32"
+  c.dtype = "float32"            # compute dtype of the models ('bfloat16' on accelerators)
+  c.param_dtype = "float32"      # trainable params (and their optimizer state)
+  # Storage of frozen params (encoder, LLM): '' -> param_dtype; 'bfloat16' halves
+  # their memory. A pretrained LLM is then read in this dtype.
+  c.frozen_param_dtype = ""
 
   c.loss_weights = ConfigDict(dict(lm=1.0))
   # CTC auxiliary head over characters (models/ctc.py): on the frozen 'encoder'

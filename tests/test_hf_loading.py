@@ -14,7 +14,6 @@ import pytest
 import torch
 import transformers
 
-from configs.common import get_base_config
 from tests.tiny import tiny_config
 from vsrllm_jax import experiment, sharding, train_state
 from vsrllm_jax.data import tokenizer as tokenizer_lib
@@ -24,7 +23,7 @@ from vsrllm_jax.models import hf_checkpoint, llm
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=8, initializer_range=0.2,
             max_position_embeddings=128)
-RULES = get_base_config().sharding_rules
+RULES = sharding.PRESETS["fsdp_tp"]
 BIASES = {("layers", "self_attn", f"{n}_proj", "bias") for n in "qkv"}
 
 

@@ -20,7 +20,6 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from configs.common import get_base_config
 from vsrllm_jax import sharding
 from vsrllm_jax.models import vision_checkpoint, vision_tower
 
@@ -31,7 +30,7 @@ TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_atten
 PREPROCESSOR = {"image_processor_type": "CLIPImageProcessor", "do_normalize": True,
                 "image_mean": [0.4, 0.5, 0.6], "image_std": [0.2, 0.3, 0.25],
                 "rescale_factor": 1 / 255, "do_center_crop": False}
-RULES = get_base_config().sharding_rules
+RULES = sharding.PRESETS["fsdp_tp"]
 
 
 def _perturbed(model):

@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vsrllm_jax import resolve, sharding, train_state, train_step
+from vsrllm_jax import optim, resolve, sharding, throughput, train_state, train_step
 from vsrllm_jax.data import feature_cache, pipeline, sources
 from vsrllm_jax.data import tokenizer as tokenizer_lib
 from vsrllm_jax.models import build as build_lib
@@ -34,9 +34,11 @@ def _pretrained(config, mesh):
   """
   params, model_state = {}, {}
   if config.llm.path:
-    _, params["llm"] = llm_lib.from_pretrained(config.llm.path, dtype=config.dtype,
-                                               param_dtype=config.param_dtype, mesh=mesh,
-                                               rules=config.sharding_rules)
+    # Read in the frozen storage dtype: an 8B LLM never exists in fp32 when it is
+    # stored bf16 (params a param group trains are cast up in train_state.create).
+    _, params["llm"] = llm_lib.from_pretrained(
+        config.llm.path, dtype=config.dtype, param_dtype=train_state.frozen_dtype(config),
+        mesh=mesh, rules=sharding.rules(config))
   variables = encoders.load_pretrained(config.encoder)
   if variables is not None:
     params["encoder"] = variables["params"]
@@ -70,6 +72,7 @@ class Experiment:
     self._sources: dict[str, Any] = {}
     self._predict = None
     self._encode = None
+    self._flops: dict[Any, dict[str, float]] = {}
     if config.data.cache_features:
       # Before any train step donates the state's buffers.
       for split in ("train", "validation", "test"):
@@ -155,7 +158,8 @@ class Experiment:
     if self._predict is None:
       self._predict = train_step.make_predict_fn(self.model, self.config,
                                                  eos_id=self.eos_ids,
-                                                 pad_id=self.tokenizer.pad_token_id)
+                                                 pad_id=self.tokenizer.pad_token_id,
+                                                 mesh=self.mesh)
     return self._predict
 
   def train_step_fn(self):
@@ -163,6 +167,34 @@ class Experiment:
                                   self._shape_batch(self.config.batch_size))
     return train_step.make_train_step(self.model, self.tx, self.labels, self.config,
                                       self.schedules, self.state_shardings, self.mesh)
+
+  def step_flops(self, batch) -> dict[str, float]:
+    """FLOPs of one train step on ``batch``'s shapes: ``model_flops`` (analytic),
+    ``hardware_flops`` (XLA's count; 0 unless config.log_hfu) and ``llm_tokens``."""
+    key = tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
+    if key not in self._flops:
+      abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=getattr(v, "sharding", None))
+                  for k, v in batch.items()}
+      llm_trained = any(path[0] == "llm" and label is not optim.FROZEN
+                        for path, label in self.labels.items())
+      model = throughput.model_flops(self.model, self.state.params, self.state.model_state,
+                                     abstract, llm_trained=llm_trained)
+      hardware = 0.0
+      if self.config.get("log_hfu", True):
+        config = self.config.copy_and_resolve_references()
+        with config.unlocked():
+          config.grad_accum_steps = 1   # XLA would count a micro-batch loop's body once
+        hardware = throughput.hardware_flops(
+            lambda: train_step.make_train_step(throughput.counting_model(self.model), self.tx,
+                                               self.labels, config,
+                                               self.schedules, self.state_shardings, self.mesh),
+            self.state, abstract)
+      self._flops[key] = dict(model_flops=model["total"], hardware_flops=hardware,
+                              llm_tokens=model["llm_tokens"])
+      logging.info("train step FLOPs for %s: model %.4g (llm %.4g, projector %.4g, encoder "
+                   "%.4g), hardware (XLA) %.4g", dict(key), model["total"], model["llm"],
+                   model["projector"], model["encoder"], hardware)
+    return self._flops[key]
 
   def _shape_batch(self, batch_size: int) -> dict:
     batch = train_state.dummy_batch(self.config, batch_size)

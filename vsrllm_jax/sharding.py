@@ -1,12 +1,17 @@
 """The device mesh and where every array lives on it.
 
-Parameters carry logical axis names (flax partitioning); ``config.sharding_rules``
-maps them to the mesh axes ``data``, ``fsdp`` and ``tensor``. A mesh axis that
-does not divide a dimension is dropped for that array (and logged), so small
-models still run on big meshes.
+Parameters carry logical axis names (flax partitioning); rules map them to the
+mesh axes ``data``, ``fsdp`` and ``tensor``: a preset (``config.sharding``:
+'dp', 'fsdp' or 'fsdp_tp') or ``config.sharding_rules`` spelled out.
+Activations are constrained at the key points of the models through
+``constrain`` with ``act_*`` names, under the rules of the step being traced
+(``activation_sharding``). A mesh axis that does not divide a dimension is
+dropped for that array (and logged), so small models still run on big meshes.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
 from typing import Any, Sequence
@@ -18,6 +23,65 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+
+
+# Activations: batch over data x fsdp in every preset; what else is split
+# follows the weights (tensor parallel splits heads, MLP and vocab).
+_ACT_DP = (("act_batch", BATCH_AXES), ("act_length", None), ("act_embed", None))
+_ACT_TP = (("act_heads", "tensor"), ("act_kv_heads", "tensor"), ("act_mlp", "tensor"),
+           ("act_vocab", "tensor"))
+PRESETS = {
+    # Pure data parallel: every weight replicated (small LLMs, many chips).
+    "dp": (("batch", BATCH_AXES),) + _ACT_DP,
+    # FSDP: every weight split on its model dimension over fsdp (frozen 7-8B
+    # LLMs), gathered layer by layer inside the scan.
+    "fsdp": (("batch", BATCH_AXES), ("embed", "fsdp")) + _ACT_DP,
+    # FSDP plus Megatron-style tensor parallelism over heads, MLP and vocab.
+    "fsdp_tp": (("batch", BATCH_AXES), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
+                ("kv_heads", "tensor"), ("vocab", "tensor")) + _ACT_DP + _ACT_TP,
+}
+
+
+def rules(config) -> tuple:
+  """The logical-axis rules of a run: ``config.sharding_rules`` when given, else the
+  ``config.sharding`` preset."""
+  explicit = tuple(config.get("sharding_rules", ()) or ())
+  if explicit:
+    return explicit
+  name = config.get("sharding", "fsdp_tp")
+  if name not in PRESETS:
+    raise ValueError(f"config.sharding={name!r} is not a preset; use one of {sorted(PRESETS)} "
+                     "or spell out config.sharding_rules")
+  return PRESETS[name]
+
+
+_ACTIVATIONS = contextvars.ContextVar("activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules_: Sequence):
+  """Inside, ``constrain`` pins activations to ``mesh`` by ``rules_`` (else no-op)."""
+  token = _ACTIVATIONS.set((mesh, _normalise(rules_)))
+  try:
+    yield
+  finally:
+    _ACTIVATIONS.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """``with_sharding_constraint`` by logical names (``act_batch``, ...) under the
+  current ``activation_sharding``; unchanged outside one."""
+  active = _ACTIVATIONS.get()
+  if active is None:
+    return x
+  mesh, rules_ = active
+  spec = _fit_spec(nn.logical_to_mesh_axes(tuple(names), rules_), x.shape, mesh,
+                   f"activation {tuple(names)}")
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _normalise(rules_) -> tuple:
+  return tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in rules_)
 
 
 def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
@@ -65,7 +129,7 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
 
   Unboxed leaves (e.g. batch-norm statistics) are replicated.
   """
-  rules = tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in rules)
+  rules = _normalise(rules)
   specs = nn.get_partition_spec(boxed_tree)   # logical names per leaf (P() if unboxed)
   unboxed = nn.meta.unbox(boxed_tree)
   paths = jax.tree_util.tree_flatten_with_path(unboxed)[0]

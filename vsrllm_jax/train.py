@@ -22,7 +22,7 @@ from ml_collections import config_flags
 import jax
 import numpy as np
 
-from vsrllm_jax import checkpoint, evaluation, experiment, sharding, train_step
+from vsrllm_jax import checkpoint, evaluation, experiment, sharding, throughput, train_step
 from vsrllm_jax import workdir as workdir_lib
 from vsrllm_jax.data import pipeline
 
@@ -71,6 +71,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   progress = metric_writers.Progress(config.total_steps, start)
   preemption = _Preemption()
   pending = []  # on-device metrics since the last log step
+  meter = throughput.Meter(mesh.size, throughput.peak_flops_per_device(
+      mesh.devices.flat[0], config.get("peak_flops_per_device", 0.0)))
 
   def validate(step):
     rates, _ = evaluation.evaluate(predict, state.params, state.model_state,
@@ -87,23 +89,36 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     profile.before(step)
     batch = next(data_iter)
     inputs = train_step.model_inputs(batch)
+    shapes_before = len(shapes)
     shapes.add(tuple(sorted((k, v.shape) for k, v in inputs.items())))
-    state, metrics = step_fn(state, sharding.global_batch(inputs, mesh))
+    global_inputs = sharding.global_batch(inputs, mesh)
+    if len(shapes) > shapes_before:   # a new shape: FLOP count and compilation are not timed
+      meter.pause()
+      exp.step_flops(global_inputs)
+      state, metrics = step_fn(state, global_inputs)
+      jax.block_until_ready(metrics)
+      meter.resume()
+    else:
+      meter.count(exp.step_flops(global_inputs))
+      state, metrics = step_fn(state, global_inputs)
     pending.append(metrics)
     done = step + 1
     profile.after(step, metrics)
     if done % config.log_every == 0 or done == config.total_steps:
       fetched = jax.device_get(pending)
-      pending = []
       summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
       summary.update(progress(done))
+      summary.update(meter.report())
+      pending = []
       summary["data/skipped_records"] = pipeline.skipped_record_count()
       summary["train/batch_shapes"] = len(shapes)
       writer.write_scalars(done, summary)
+    meter.pause()   # evaluation and checkpoints are not step time
     if done % config.eval_every == 0 or done == config.total_steps:
       validate(done)
     if done % config.checkpoint_every == 0 or done == config.total_steps or preemption.requested:
       ckpts.save(done, state, data_iter)
+    meter.resume()
     if preemption.requested:
       profile.close()
       writer.flush()

@@ -43,6 +43,35 @@ def dummy_batch(config, batch_size: int = 1) -> dict[str, jax.Array]:
   )
 
 
+def frozen_dtype(config) -> str:
+  """Storage dtype of frozen params: config.frozen_param_dtype, else param_dtype."""
+  return config.get("frozen_param_dtype", "") or config.param_dtype
+
+
+def _storage_dtypes(labels, config) -> dict:
+  """Per param path: its storage dtype (trainable: param_dtype, frozen: frozen_dtype)."""
+  frozen = jnp.dtype(frozen_dtype(config))
+  trainable = jnp.dtype(config.param_dtype)
+  return {k: frozen if v is optim.FROZEN else trainable for k, v in labels.items()}
+
+
+def _cast(params, dtypes):
+  """Casts floating leaves to their storage dtype (others, e.g. int tables, kept)."""
+  flat = flax.traverse_util.flatten_dict(params)
+  return flax.traverse_util.unflatten_dict({
+      k: v.astype(dtypes[k]) if jnp.issubdtype(v.dtype, jnp.floating) and v.dtype != dtypes[k]
+      else v for k, v in flat.items()})
+
+
+def _cast_placed(params, dtypes, shardings):
+  """``_cast`` of placed arrays, one leaf at a time on device (a leaf exists twice at most)."""
+  flat, places = (flax.traverse_util.flatten_dict(t) for t in (params, shardings))
+  for k, v in flat.items():
+    if jnp.issubdtype(v.dtype, jnp.floating) and v.dtype != dtypes[k]:
+      flat[k] = jax.jit(lambda x, d=dtypes[k]: x.astype(d), out_shardings=places[k])(v)
+  return flax.traverse_util.unflatten_dict(flat)
+
+
 def _init_variables(model: VSRModel, config, rng):
   return model.init({"params": rng, "dropout": rng}, dummy_batch(config), train=False)
 
@@ -64,7 +93,8 @@ def create(model: VSRModel, config, mesh, tx_factory, *, pretrained_params=None,
   """
   rng = jax.random.key(config.seed)
   abstract = jax.eval_shape(lambda r: _init_variables(model, config, r), rng)
-  param_shardings = sharding.logical_shardings(abstract["params"], mesh, config.sharding_rules)
+  param_shardings = sharding.logical_shardings(abstract["params"], mesh,
+                                                 sharding.rules(config))
   other = {k: v for k, v in abstract.items() if k != "params"}
   other_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), other)
 
@@ -77,14 +107,17 @@ def create(model: VSRModel, config, mesh, tx_factory, *, pretrained_params=None,
     _check_pretrained(trees, other.get(collection, {}), collection)
   skip = set(pretrained_params or ())
 
+  dtypes = _storage_dtypes(labels, config)
+
   def init(r):  # XLA drops the random init of the skipped (pretrained) submodules
     variables = nn.meta.unbox(_init_variables(model, config, r))
-    params = {k: v for k, v in variables.pop("params").items() if k not in skip}
-    return params, variables
+    params = _cast(variables.pop("params"), dtypes)
+    return {k: v for k, v in params.items() if k not in skip}, variables
 
   init_shardings = {k: v for k, v in param_shardings.items() if k not in skip}
   params, model_state = jax.jit(init, out_shardings=(init_shardings, other_shardings))(rng)
   params = _replace(params, pretrained_params, param_shardings, "params")
+  params = _cast_placed(params, dtypes, param_shardings)
   for collection, trees in (pretrained_model_state or {}).items():
     model_state = dict(model_state)
     model_state[collection] = _replace(model_state[collection], trees,
@@ -118,6 +151,32 @@ def create_with_optimizer(model: VSRModel, config, mesh, **pretrained):
 
   state, shardings, labels, tx = create(model, config, mesh, tx_factory, **pretrained)
   return state, shardings, labels, tx, schedules
+
+
+def abstract_state(model: VSRModel, config, mesh):
+  """What ``create_with_optimizer`` would make, as ShapeDtypeStructs with their
+  shardings and nothing allocated: (state, param_labels, tx, schedules). For
+  compile-only checks (``compile().memory_analysis()`` of an 8B step on CPU)."""
+  abstract = jax.eval_shape(lambda r: _init_variables(model, config, r),
+                            jax.random.key(config.seed))
+  shardings = sharding.logical_shardings(abstract["params"], mesh, sharding.rules(config))
+  unboxed = nn.meta.unbox(abstract["params"])
+  labels = optim.label_params(unboxed, config.optim.param_groups)
+  tx, schedules = optim.make_optimizer(config.optim, labels, config.total_steps)
+  dtypes = flax.traverse_util.unflatten_dict(_storage_dtypes(labels, config))
+  params = jax.tree.map(lambda x, d, s: jax.ShapeDtypeStruct(x.shape, d, sharding=s),
+                        unboxed, dtypes, shardings)
+  trainable, _ = optim.split(params, labels)
+  opt = jax.eval_shape(tx.init, trainable)
+  opt = optax.tree_map_params(
+      tx, lambda x, p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=p.sharding), opt,
+      trainable, transform_non_params=lambda x: jax.ShapeDtypeStruct(
+          x.shape, x.dtype, sharding=sharding.replicated(mesh)))
+  replicated = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh))
+  other = jax.tree.map(replicated, {k: v for k, v in abstract.items() if k != "params"})
+  state = TrainState(step=replicated(jax.ShapeDtypeStruct((), jnp.int32)), params=params,
+                     opt_state=opt, model_state=other)
+  return state, labels, tx, schedules
 
 
 def _check_pretrained(pretrained, abstract, what: str) -> None:

@@ -8,6 +8,7 @@ Metrics stay on device; the loop fetches them at log steps.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import jax
@@ -93,8 +94,13 @@ def make_train_step(model: VSRModel, tx: optax.GradientTransformation, labels, c
   accum = int(config.get("grad_accum_steps", 1))
   if accum < 1:
     raise ValueError(f"config.grad_accum_steps={accum} must be >= 1")
+  rules = sharding.rules(config)
 
   def step(state: TrainState, batch):
+    with sharding.activation_sharding(mesh, rules):
+      return _step(state, batch)
+
+  def _step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     trainable, frozen = optim.split(state.params, labels)
     frozen = jax.lax.stop_gradient(frozen)
@@ -137,23 +143,28 @@ def make_train_step(model: VSRModel, tx: optax.GradientTransformation, labels, c
 
 
 def make_predict_fn(model: VSRModel, config, *, eos_id: int | Sequence[int],
-                    pad_id: int) -> Callable:
+                    pad_id: int, mesh=None) -> Callable:
   """A ``predict(params, model_state, batch) -> tokens [B, max_new_tokens]``, jitted.
 
   Decodes with ``config.decode`` (strategy, sampling and beam options; see
   ``generation.generate``), validated here; compiled once per batch shape.
   With sampling, the n-th call of the returned predictor draws with
   ``fold_in(key(decode.seed), n)``, so a decode command is reproducible.
+  With ``mesh``, activations are constrained by the config's sharding rules.
   """
   llm = LlamaModel(model.llm_config)
   options = generation.options_from_config(config.decode)
   seed = options.pop("seed")
 
+  rules = sharding.rules(config)
+
   def predict(params, model_state, batch, rng):
-    embeds, mask, _ = model.apply({"params": params, **model_state}, batch, train=False,
-                                  method=VSRModel.prompt)
-    return generation.generate(llm, params["llm"], embeds, mask, eos_id=eos_id, pad_id=pad_id,
-                               rng=rng, **options)
+    with (sharding.activation_sharding(mesh, rules) if mesh is not None
+          else contextlib.nullcontext()):
+      embeds, mask, _ = model.apply({"params": params, **model_state}, batch, train=False,
+                                    method=VSRModel.prompt)
+      return generation.generate(llm, params["llm"], embeds, mask, eos_id=eos_id,
+                                 pad_id=pad_id, rng=rng, **options)
 
   jitted = jax.jit(predict)
   if options["strategy"] != "sample" or options["temperature"] == 0:

@@ -12,7 +12,9 @@ from vsrllm_jax.models.vsr_model import VSRModel
 def llm_config(config) -> LlmConfig:
   """The LLM's shape: from ``llm.path``'s config.json, else from ``config.llm``."""
   dtypes = dict(dtype=config.dtype, param_dtype=config.param_dtype,
-                remat_policy=config.llm.remat_policy)
+                remat_policy=config.llm.remat_policy,
+                attention_impl=config.llm.get("attention_impl", "xla"),
+                scan_unroll=config.llm.get("scan_unroll", 1))
   if config.llm.path:
     cfg_file = os.path.join(config.llm.path, "config.json")
     if not os.path.exists(cfg_file):

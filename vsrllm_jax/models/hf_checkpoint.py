@@ -312,7 +312,7 @@ def from_pretrained(path, *, dtype: str = "float32", param_dtype: str | None = N
   ``param_dtype=None``: bfloat16 when ``jax.default_backend()`` is an
   accelerator, else the checkpoint's stored dtype. Without ``mesh``, params
   are host numpy arrays. With ``mesh`` and ``rules`` (logical axis -> mesh
-  axes, as ``config.sharding_rules``), they are ``jax.Array``s already in their
+  axes, as ``sharding.rules(config)``), they are ``jax.Array``s already in their
   ``NamedSharding`` (``sharding.logical_shardings``); each device's slice is
   read and converted on its own, so no full copy of a param exists anywhere.
   """
@@ -322,7 +322,7 @@ def from_pretrained(path, *, dtype: str = "float32", param_dtype: str | None = N
     raise FileNotFoundError(f"{cfg_file} not found: expected a Hugging Face checkpoint directory")
   if mesh is not None and rules is None:
     raise ValueError("from_pretrained: mesh given without rules (logical axis -> mesh axes, "
-                     "e.g. config.sharding_rules)")
+                     "e.g. sharding.PRESETS)")
   hf = json.loads(cfg_file.read_text())
   tensors = open_safetensors(path)
   if param_dtype is None:

@@ -19,6 +19,8 @@ Every module has ``dtype`` (compute) and ``param_dtype`` (storage).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -221,19 +223,36 @@ class TransformerLayer(nn.Module):
     return x + Mlp(self.mlp_dim, name="mlp", **kw)(h), None
 
 
+_UNROLL_SCANS = contextvars.ContextVar("unroll_scans", default=False)
+
+
+@contextlib.contextmanager
+def unrolled_scans():
+  """Layer stacks built inside unroll their ``nn.scan`` fully: XLA's cost analysis
+  counts a loop body once, so FLOP counting (``throughput``) lowers them unrolled."""
+  token = _UNROLL_SCANS.set(True)
+  try:
+    yield
+  finally:
+    _UNROLL_SCANS.reset(token)
+
+
 def scan_layers(layer_cls: type[nn.Module], num_layers: int, *, num_broadcast: int,
-                remat_policy: str = "none") -> type[nn.Module]:
+                remat_policy: str = "none", unroll: int = 1) -> type[nn.Module]:
   """``nn.scan`` over ``num_layers`` copies of ``layer_cls`` (params stacked on 'layers').
 
   The layer is called as ``layer(carry, *broadcast_args) -> (carry, None)``;
   compile time stays flat in depth. ``remat_policy`` is 'none', 'full' or a
   name in ``jax.checkpoint_policies`` (e.g. 'dots_with_no_batch_dims_saveable').
+  ``unroll`` layers run per loop iteration (num_layers: no loop; on GPUs that
+  saves stacking each layer's residuals into [L, ...] buffers, at compile time).
   """
   if remat_policy != "none":
     policy = None if remat_policy == "full" else getattr(jax.checkpoint_policies, remat_policy)
     layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=False)
   return nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                  in_axes=(nn.broadcast,) * num_broadcast, length=num_layers,
+                 unroll=num_layers if _UNROLL_SCANS.get() else unroll,
                  metadata_params={nn.PARTITION_NAME: "layers"})
 
 

@@ -25,11 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from vsrllm_jax.models import rope
+from vsrllm_jax.sharding import constrain
 from vsrllm_jax.models.layers import Dense, default_kernel_init, dot_product_attention, \
     dtype_from_name, scan_layers, with_axes
 # LlmConfig and NO_WINDOW are re-exported: callers use llm.LlmConfig.
 from vsrllm_jax.models.llm_config import ACTIVATIONS, NO_WINDOW, LlmConfig  # noqa: F401
 
+ACT_HIDDEN = ("act_batch", "act_length", "act_embed")   # the residual stream
 CACHE_AXES = dict(k=("layers", "batch", "length", "kv_heads", "head_dim"),
                   v=("layers", "batch", "length", "kv_heads", "head_dim"),
                   mask=("batch", "length"), key_positions=("batch", "length"), index=(),
@@ -63,7 +65,7 @@ class _Attention(nn.Module):
   config: LlmConfig
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, kv, layer, write_index):
+  def __call__(self, x, cos, sin, mask, kv, layer, write_index, lengths=None):
     cfg = self.config
     dense = functools.partial(Dense, dtype=dtype_from_name(cfg.dtype),
                               param_dtype=dtype_from_name(cfg.param_dtype))
@@ -74,6 +76,9 @@ class _Attention(nn.Module):
     v = dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
               use_bias=cfg.attention_bias, name="v_proj")(x)  # [B, S, Hkv, D]
     q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
+    q = constrain(q, ("act_batch", "act_length", "act_heads", None))
+    k = constrain(k, ("act_batch", "act_length", "act_kv_heads", None))
+    v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
     if kv is not None:
       # Write only the new slots of this layer in place, then read the layer back.
       k_all, v_all = kv  # [L, B, Smax, Hkv, D]
@@ -83,7 +88,15 @@ class _Attention(nn.Module):
       k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)  # [B, Smax, Hkv, D]
       v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
       kv = (k_all, v_all)
-    out = dot_product_attention(q, k, v, mask, dtype=dtype_from_name(cfg.dtype))
+    if cfg.attention_impl == "cudnn" and kv is None:   # fused; no cache in training
+      if lengths is not None:   # right-padded, causal: cuDNN skips masked blocks
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
+                                           key_value_seq_lengths=lengths,
+                                           implementation="cudnn")
+      else:
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    else:
+      out = dot_product_attention(q, k, v, mask, dtype=dtype_from_name(cfg.dtype))
     out = dense(cfg.hidden_dim, ("heads", "head_dim", "embed"), axis=(-2, -1),
                 use_bias=cfg.attention_out_bias, name="o_proj")(out)  # [B, S, E]
     return out, kv
@@ -101,15 +114,18 @@ class _GatedMlp(nn.Module):
     act = ACTIVATIONS[cfg.mlp_activation]
     h = act(dense(cfg.mlp_dim, ("embed", "mlp"), name="gate_proj")(x)) * \
         dense(cfg.mlp_dim, ("embed", "mlp"), name="up_proj")(x)  # [B, S, M]
+    h = constrain(h, ("act_batch", "act_length", "act_mlp"))
     return dense(cfg.hidden_dim, ("mlp", "embed"), name="down_proj")(h)
 
 
 class DecoderLayer(nn.Module):
   """Pre-norm Llama block. carry = (x [B,S,E], kv cache or None, layer index).
 
-  ``masks`` = (mask [B,1,S,Sk], rel or None): with per-layer windows, ``rel``
-  [B,S,Sk] is query minus key position and this layer's window (looked up by
-  the carried layer index, so ``nn.scan`` compiles one body) narrows the mask.
+  ``masks`` = (mask [B,1,S,Sk], rel or None, lengths or None): with per-layer
+  windows, ``rel`` [B,S,Sk] is query minus key position and this layer's window
+  (looked up by the carried layer index, so ``nn.scan`` compiles one body)
+  narrows the mask; ``lengths`` [B] (right-padded input, no windows) lets
+  fused attention use its causal + padding form instead of the mask.
   """
   config: LlmConfig
 
@@ -120,14 +136,15 @@ class DecoderLayer(nn.Module):
                              dtype=dtype_from_name(cfg.dtype),
                              param_dtype=dtype_from_name(cfg.param_dtype))
     x, kv, layer = carry
-    mask, rel = masks
+    mask, rel, lengths = masks
     if rel is not None:
       window = jnp.asarray(cfg.layer_windows(), jnp.int32)[layer]
       mask = mask & (rel < window)[:, None]
     h, kv = _Attention(cfg, name="self_attn")(norm(name="input_layernorm")(x), cos, sin, mask,
-                                              kv, layer, write_index)
+                                              kv, layer, write_index, lengths)
     x = x + h
     x = x + _GatedMlp(cfg, name="mlp")(norm(name="post_attention_layernorm")(x))
+    x = constrain(x, ACT_HIDDEN)
     return (x, kv, layer + 1), None
 
 
@@ -155,7 +172,7 @@ class LlamaModel(nn.Module):
     self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_dim, dtype=dt, param_dtype=pdt,
                                  embedding_init=with_axes(default_kernel_init, ("vocab", "embed")))
     stack = scan_layers(DecoderLayer, cfg.num_layers, num_broadcast=4,
-                        remat_policy=cfg.remat_policy)
+                        remat_policy=cfg.remat_policy, unroll=cfg.scan_unroll)
     self.layers = stack(cfg)
     self.final_norm = _RmsNorm(epsilon=cfg.rms_norm_eps, offset=cfg.norm_offset, dtype=dt,
                                param_dtype=pdt)
@@ -174,19 +191,21 @@ class LlamaModel(nn.Module):
     return x
 
   def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None,
-               position_ids=None, cache=None, logit_positions=None):
+               position_ids=None, cache=None, logit_positions=None, right_padded=False):
     """Logits [B, S|P, V] float32; with ``cache`` returns ``(logits, new_cache)``.
 
     attention_mask [B, S] (1 = real). Attention is causal and over real keys
     only. Default positions are the running count of real tokens (continued
     from ``cache['positions']`` with a cache). ``logit_positions`` [B, P]
     restricts the final norm + LM head to those sequence positions.
+    ``right_padded``: the caller promises every row is real tokens then padding
+    (``pack_right``), so fused attention may run causal with sequence lengths.
     """
     cfg = self.config
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("pass exactly one of input_ids / inputs_embeds")
     x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-    x = x.astype(dtype_from_name(cfg.dtype))  # [B, S, E]
+    x = constrain(x.astype(dtype_from_name(cfg.dtype)), ACT_HIDDEN)  # [B, S, E]
     b, s = x.shape[:2]
     mask = (jnp.ones((b, s), bool) if attention_mask is None
             else jnp.asarray(attention_mask).astype(bool))  # [B, S]
@@ -217,7 +236,11 @@ class LlamaModel(nn.Module):
       if len(set(windows)) == 1:  # the same window everywhere (Mistral): fold it in once
         attn_mask, rel = attn_mask & (rel < windows[0])[:, None], None
 
-    (x, kv, _), _ = self.layers((x, kv, jnp.int32(0)), cos, sin, (attn_mask, rel), write_index)
+    lengths = None
+    if right_padded and cache is None and cfg.sliding_window is None:
+      lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)  # [B]
+    (x, kv, _), _ = self.layers((x, kv, jnp.int32(0)), cos, sin, (attn_mask, rel, lengths),
+                                write_index)
 
     if logit_positions is not None:
       x = jnp.take_along_axis(x, jnp.asarray(logit_positions, jnp.int32)[..., None], axis=1)
@@ -227,7 +250,7 @@ class LlamaModel(nn.Module):
       logits = jnp.einsum("bpe,ve->bpv", x, table, preferred_element_type=jnp.float32)
     else:
       logits = self.lm_head(x)
-    logits = logits.astype(jnp.float32)  # [B, P, V]
+    logits = constrain(logits.astype(jnp.float32), ("act_batch", None, "act_vocab"))  # [B, P, V]
     if cache is None:
       return logits
     last = jnp.max(jnp.where(mask, position_ids, -1), axis=1) + 1  # [B]

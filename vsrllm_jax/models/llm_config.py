@@ -47,6 +47,10 @@ class LlmConfig:
   sliding_window: int | None = None   # a query sees keys less than this many positions back
   layer_types: tuple[str, ...] | None = None  # per layer; None: all sliding if a window is set
   remat_policy: str = "none"
+  # Training-time attention: 'xla' (einsums + softmax, any backend) or 'cudnn'
+  # (fused flash attention on NVIDIA GPUs, bf16/fp16). Decoding uses 'xla'.
+  attention_impl: str = "xla"
+  scan_unroll: int = 1                # decoder layers per scan iteration (see layers.scan_layers)
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -60,6 +64,8 @@ class LlmConfig:
     if self.mlp_activation not in ACTIVATIONS:
       raise ValueError(f"mlp_activation={self.mlp_activation!r}; expected one of "
                        f"{sorted(ACTIVATIONS)}")
+    if self.attention_impl not in ("xla", "cudnn"):
+      raise ValueError(f"attention_impl={self.attention_impl!r}; expected 'xla' or 'cudnn'")
     if self.sliding_window is not None and int(self.sliding_window) < 1:
       raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window}")
     types = None if self.layer_types is None else tuple(self.layer_types)
@@ -88,7 +94,7 @@ class LlmConfig:
     """From the ``c.llm`` ConfigDict (shape keys) plus e.g. dtype/param_dtype kwargs."""
     names = ("hidden_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
              "rope_theta", "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings",
-             "remat_policy", "attention_bias", "attention_out_bias", "rope_scaling",
+             "remat_policy", "scan_unroll", "attention_bias", "attention_out_bias", "rope_scaling",
              "embedding_scale", "norm_offset", "mlp_activation", "sliding_window", "layer_types")
     kw = {n: cfg_llm[n] for n in names if n in cfg_llm}
     if kw.get("rope_scaling") is not None:

@@ -202,13 +202,13 @@ def from_pretrained_vision(path, dtype: str = "float32", param_dtype: str | None
   Apply with ``VisionTower(config).apply({'params': params}, images)``.
   ``param_dtype=None``: bfloat16 on accelerators, else the stored dtype.
   Without ``mesh`` params are host numpy arrays; with ``mesh`` and ``rules``
-  (logical axis -> mesh axes, as ``config.sharding_rules``) they are
+  (logical axis -> mesh axes, as ``sharding.rules(config)``) they are
   ``jax.Array``s in their ``NamedSharding``. ``overrides`` as ``read_config``.
   """
   path = pathlib.Path(path)
   if mesh is not None and rules is None:
     raise ValueError("from_pretrained_vision: mesh given without rules (logical axis -> mesh "
-                     "axes, e.g. config.sharding_rules)")
+                     "axes, e.g. sharding.PRESETS)")
   if not (path / "config.json").is_file():
     raise FileNotFoundError(f"{path / 'config.json'} not found: expected a Hugging Face "
                             "CLIP/SigLIP checkpoint directory")

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from vsrllm_jax.models import ctc, deduplication, encoders, projectors
 from vsrllm_jax.models.llm import LlamaModel, LlmConfig
 from vsrllm_jax.models.projectors.base import ProjectorOutput
+from vsrllm_jax.sharding import constrain
 
 
 def previous_real_index(mask: jax.Array) -> jax.Array:
@@ -25,6 +26,19 @@ def previous_real_index(mask: jax.Array) -> jax.Array:
   last_real = jax.lax.cummax(jnp.where(mask, idx[None], -1), axis=1)  # [B, S], <= i
   prev = jnp.pad(last_real[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
   return jnp.maximum(prev, 0)
+
+
+def pack_right(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Moves real positions to the front of each row, in order: (order, slot).
+
+  ``order`` [B, S]: packed slot j holds original position order[j];
+  ``slot`` [B, S]: where a real original position lands. Attention among
+  real tokens is unchanged (positions count real tokens only), and padding is
+  all at the end, which fused attention handles as sequence lengths.
+  """
+  order = jnp.argsort(~mask, axis=1, stable=True)
+  slot = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+  return order, slot
 
 
 class VSRModel(nn.Module):
@@ -72,7 +86,7 @@ class VSRModel(nn.Module):
     instr = self.embed_ids(batch["instruction_ids"])
     out = self.projector(feats, feats_mask, text=instr,
                          text_mask=batch["instruction_mask"].astype(bool), train=train)
-    tokens, mask = out.tokens, out.mask
+    tokens, mask = constrain(out.tokens, ("act_batch", "act_length", "act_embed")), out.mask
     if "cluster_counts" in batch and type(self.projector).sequence_preserving:
       tokens, mask = deduplication.average_runs(tokens, mask, batch["cluster_counts"])
     self.sow("intermediates", "projector_tokens", tokens)
@@ -113,6 +127,12 @@ class VSRModel(nn.Module):
     prompt_len = prompt_mask.shape[1]
     # Label token j is predicted by the last real position before it.
     logit_positions = previous_real_index(mask)[:, prompt_len:]       # [B, Ll]
-    logits = self.llm(inputs_embeds=embeds, attention_mask=mask,
-                      logit_positions=logit_positions)                # [B, Ll, V]
+    packed = self.llm_config.attention_impl == "cudnn"
+    if packed:   # padding inside the segments -> all at the end (fused attention's form)
+      order, slot = pack_right(mask)
+      embeds = jnp.take_along_axis(embeds, order[..., None], axis=1)
+      mask = jnp.take_along_axis(mask, order, axis=1)
+      logit_positions = jnp.take_along_axis(slot, logit_positions, axis=1)
+    logits = self.llm(inputs_embeds=embeds, attention_mask=mask, logit_positions=logit_positions,
+                      right_padded=packed)                            # [B, Ll, V]
     return dict(logits=logits, projector=out)
