@@ -1,23 +1,174 @@
 #!/usr/bin/env bash
-# Runs the train command on every worker of a TPU VM (single host or pod).
+# Cloud TPU VM lifecycle with gcloud: one script for a single host and for a pod
+# slice (every remote step runs with --worker=all, i.e. on each host).
 #
-#   TPU_NAME=my-tpu ZONE=us-central2-b REPO_URL=<your clone URL> \
-#     launch/tpu_vm.sh configs/conv_abstractor.py gs://bucket/runs/exp1 [--config.x=y ...]
+#   launch/tpu_vm.sh [--dry-run] create [extra gcloud create flags]
+#   launch/tpu_vm.sh [--dry-run] setup
+#   launch/tpu_vm.sh [--dry-run] train [extra train flags, e.g. --config.total_steps=50]
+#   launch/tpu_vm.sh [--dry-run] delete
 #
-# Every worker installs the pinned requirements (once), then all start the same
-# command; --distributed makes them join through jax.distributed.initialize().
-# The workdir must be shared storage (a GCS bucket) so that orbax can write and
-# read checkpoints from all hosts.
+# Environment (defaults in brackets; launch/README.md has the details):
+#   TPU_NAME [vsrllm]  ZONE [us-central2-b]  ACCELERATOR_TYPE [v4-8]  PROJECT [gcloud's]
+#   RUNTIME_VERSION [by accelerator: v2/v3/v4 tpu-ubuntu2204-base, v5litepod v2-alpha-tpuv5-lite,
+#                    v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e]   SPOT [0]
+#   NUM_HOSTS [from ACCELERATOR_TYPE]  DISTRIBUTED [auto: --distributed when NUM_HOSTS > 1]
+#   REPO_URL [''  = copy this checkout's files]  GIT_REF ['']  REMOTE_DIR [vsrllm_jax, in ~]
+#   PYTHON [python3.11]  TORCH_INDEX_URL [https://download.pytorch.org/whl/cpu; '' = PyPI]
+#   CONFIG [configs/conv_abstractor.py]  WORKDIR [required for train]  VSRLLM_DATA_DIR
+#   DRY_RUN [0]: 1 (or --dry-run) prints the commands instead of running them.
 set -euo pipefail
-: "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${REPO_URL:?set REPO_URL}"
-CONFIG=${1:?config file}; WORKDIR=${2:?workdir}; shift 2
-EXTRA="$*"
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "
-  set -e
-  [ -d vsrllm_jax ] || git clone $REPO_URL vsrllm_jax
-  cd vsrllm_jax && git pull --ff-only
-  [ -d .venv ] || python3 -m venv .venv
-  . .venv/bin/activate
-  pip install -q 'jax[tpu]==0.10.2' && pip install -q -r requirements.txt
-  python -m vsrllm_jax.train --distributed --config=$CONFIG --workdir=$WORKDIR $EXTRA
-"
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+usage() {
+  sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+}
+
+if [[ ${1:-} == --dry-run ]]; then
+  DRY_RUN=1
+  shift
+fi
+[[ $# -ge 1 ]] || usage
+SUBCOMMAND=$1
+shift
+
+TPU_NAME=${TPU_NAME:-vsrllm}
+ZONE=${ZONE:-us-central2-b}
+ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v4-8}
+PROJECT=${PROJECT:-}
+SPOT=${SPOT:-0}
+REPO_URL=${REPO_URL:-}
+GIT_REF=${GIT_REF:-}
+REMOTE_DIR=${REMOTE_DIR:-vsrllm_jax}
+PYTHON=${PYTHON:-python3.11}
+TORCH_INDEX_URL=${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}
+CONFIG=${CONFIG:-configs/conv_abstractor.py}
+WORKDIR=${WORKDIR:-}
+DATA_DIR=${VSRLLM_DATA_DIR:-}
+DISTRIBUTED=${DISTRIBUTED:-auto}
+
+# The TPU software version Google recommends for JAX on each generation.
+default_runtime_version() {
+  case $1 in
+    v2-*|v3-*|v4-*) echo tpu-ubuntu2204-base ;;
+    v5litepod-*|v5e-*) echo v2-alpha-tpuv5-lite ;;
+    v5p-*) echo v2-alpha-tpuv5 ;;
+    v6e-*) echo v2-alpha-tpuv6e ;;
+    *) vsr_die "no default RUNTIME_VERSION for ACCELERATOR_TYPE=$1 (expected v2-*, v3-*, v4-*," \
+               "v5litepod-*, v5p-* or v6e-*): set RUNTIME_VERSION" ;;
+  esac
+}
+
+# Hosts in a slice: v2/v3/v4/v5p sizes count TensorCores (8 per host), v5e/v6e
+# sizes count chips (up to 8 on one host, 4 per host in multi-host slices).
+default_num_hosts() {
+  local size=${1##*-}
+  [[ $size =~ ^[0-9]+$ ]] || vsr_die "ACCELERATOR_TYPE=$1: expected <generation>-<size>, e.g. v4-8"
+  case $1 in
+    v2-*|v3-*|v4-*|v5p-*) echo $(( size <= 8 ? 1 : size / 8 )) ;;
+    v5litepod-*|v5e-*|v6e-*) echo $(( size <= 8 ? 1 : size / 4 )) ;;
+    *) vsr_die "cannot tell the host count of ACCELERATOR_TYPE=$1: set NUM_HOSTS" ;;
+  esac
+}
+
+RUNTIME_VERSION=${RUNTIME_VERSION:-$(default_runtime_version "$ACCELERATOR_TYPE")}
+NUM_HOSTS=${NUM_HOSTS:-$(default_num_hosts "$ACCELERATOR_TYPE")}
+vsr_require_int NUM_HOSTS "$NUM_HOSTS"
+(( NUM_HOSTS >= 1 )) || vsr_die "NUM_HOSTS must be at least 1, got $NUM_HOSTS"
+
+TPU_FLAGS=(--zone="$ZONE")
+[[ -n $PROJECT ]] && TPU_FLAGS+=(--project="$PROJECT")
+
+remote() {   # runs a bash command string on every worker
+  vsr_run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${TPU_FLAGS[@]}" --worker=all \
+    --command="$1"
+}
+
+no_extra_args() {
+  [[ $# -eq 0 ]] || vsr_die "'$SUBCOMMAND' takes no extra arguments, got: $*"
+}
+
+cmd_create() {
+  local flags=(--accelerator-type="$ACCELERATOR_TYPE" --version="$RUNTIME_VERSION")
+  [[ $SPOT == 1 ]] && flags+=(--spot)
+  vsr_run gcloud compute tpus tpu-vm create "$TPU_NAME" "${TPU_FLAGS[@]}" "${flags[@]}" "$@"
+}
+
+# Code onto every worker: a clone of REPO_URL, or this checkout's tracked and
+# untracked-but-not-ignored files as a tarball (no .venv, no data, no .git).
+push_code() {
+  local dir
+  dir=$(vsr_quote "$REMOTE_DIR")
+  if [[ -n $REPO_URL ]]; then
+    local fetch="git -C $dir pull -q --ff-only"
+    [[ -n $GIT_REF ]] && fetch="git -C $dir fetch -q origin $(vsr_quote "$GIT_REF") && git -C $dir checkout -q FETCH_HEAD"
+    remote "set -e; [ -d $dir/.git ] || git clone -q $(vsr_quote "$REPO_URL") $dir; $fetch"
+    return
+  fi
+  local tarball=${TMPDIR:-/tmp}/vsrllm_jax_src.tgz
+  if [[ ${DRY_RUN:-0} == 1 ]]; then
+    echo "+ (cd $(vsr_quote "$VSR_REPO_ROOT") && git ls-files -z -co --exclude-standard" \
+         "| tar czf $(vsr_quote "$tarball") --null -T -)"
+  else
+    (cd "$VSR_REPO_ROOT" && git ls-files -z -co --exclude-standard \
+       | tar czf "$tarball" --ignore-failed-read --null -T -)
+  fi
+  vsr_run gcloud compute tpus tpu-vm scp "$tarball" "$TPU_NAME:vsrllm_jax_src.tgz" \
+    "${TPU_FLAGS[@]}" --worker=all
+  # Replace the code but keep the virtual environment.
+  remote "set -e; mkdir -p $dir; find $dir -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} +;
+tar xzf vsrllm_jax_src.tgz -C $dir; rm vsrllm_jax_src.tgz"
+}
+
+cmd_setup() {
+  no_extra_args "$@"
+  local jax_version py index=''
+  jax_version=$(vsr_jax_version)
+  py=$(vsr_quote "$PYTHON")
+  [[ -n $TORCH_INDEX_URL ]] && index=" --extra-index-url $(vsr_quote "$TORCH_INDEX_URL")"
+  push_code
+  # requirements.txt first, then jax[tpu] of the same version: jax stays, libtpu joins it.
+  remote "set -e; cd $(vsr_quote "$REMOTE_DIR")
+command -v $py >/dev/null || { sudo apt-get update -qq && sudo apt-get install -y -qq $py $py-venv; }
+[ -x .venv/bin/python ] || $py -m venv .venv
+. .venv/bin/activate
+pip install -q -U pip
+pip install -q -r requirements.txt$index
+pip install -q 'jax[tpu]==$jax_version'
+python -c 'import importlib.metadata as m; print(\"jax\", m.version(\"jax\"), \"libtpu\", m.version(\"libtpu\"))'"
+}
+
+cmd_train() {
+  [[ -n $WORKDIR ]] || vsr_die "WORKDIR is not set: where checkpoints and metrics go" \
+      "(a gs:// URL or a path that every host of the slice shares)"
+  local distributed
+  case $DISTRIBUTED in
+    auto) distributed=$(( NUM_HOSTS > 1 )) ;;
+    0|1) distributed=$DISTRIBUTED ;;
+    *) vsr_die "DISTRIBUTED must be auto, 0 or 1, got '$DISTRIBUTED'" ;;
+  esac
+  if (( NUM_HOSTS > 1 )) && [[ -z $DATA_DIR ]] && [[ " $* " != *" --config.data.data_dir="* ]]; then
+    vsr_die "a $NUM_HOSTS-host slice needs VSRLLM_DATA_DIR (or --config.data.data_dir=) on storage" \
+        "that every host shares: process 0 writes the feature cache there and all hosts read it"
+  fi
+  local args=(python -m vsrllm_jax.train --config="$CONFIG" --workdir="$WORKDIR")
+  (( distributed )) && args+=(--distributed)
+  args+=("$@")
+  local env=''
+  [[ -n $DATA_DIR ]] && env="export VSRLLM_DATA_DIR=$(vsr_quote "$DATA_DIR"); "
+  remote "set -e; cd $(vsr_quote "$REMOTE_DIR"); . .venv/bin/activate; $env$(vsr_quote "${args[@]}")"
+}
+
+cmd_delete() {
+  no_extra_args "$@"
+  vsr_run gcloud compute tpus tpu-vm delete "$TPU_NAME" "${TPU_FLAGS[@]}" --quiet
+}
+
+case $SUBCOMMAND in
+  create) cmd_create "$@" ;;
+  setup) cmd_setup "$@" ;;
+  train) cmd_train "$@" ;;
+  delete) cmd_delete "$@" ;;
+  -h|--help|help) usage ;;
+  *) vsr_die "unknown subcommand '$SUBCOMMAND' (expected create, setup, train or delete)" ;;
+esac
