@@ -11,10 +11,9 @@ features with the ``mlp`` projector (the same Dense-GELU-Dense), the frozen
 LLM random-initialised at the same shape, AdamW on the projector only.
 Prints JSON lines: our compile time and median step, the peer's median, the
 ratio (goal >= 2.5), and the analytic FLOPs per step with the rate they imply
-(XLA's CPU cost analysis counts a scanned body once, so FLOPs are counted by
-hand: frozen LLM 2N forward + 2N activation-gradient per token plus attention,
-the projector's forward and both backward matmuls, the LM head at label
-positions only for us). Last line: this machine's fp32 matmul rate at the
+(``vsrllm_jax.throughput``'s count: frozen LLM 2N forward + 2N activation-gradient
+per token plus attention, the projector's forward and both backward matmuls,
+the LM head at label positions only for us, at every position for the peer). Last line: this machine's fp32 matmul rate at the
 LLM's MLP shape, the step's floor at that rate, and the ratio a step with no
 overhead would reach against the peer.
 """
@@ -69,20 +68,19 @@ def _batch(a) -> dict:
 
 
 def analytic_flops(a) -> dict:
-  """FLOPs of one step (multiply-add = 2), ours and the peer's."""
-  kv = a.hidden // a.heads * a.kv_heads
-  layer = a.hidden * (2 * a.hidden + 2 * kv) + 3 * a.hidden * a.ffn
+  """FLOPs of one step (multiply-add = 2), ours and the peer's, as vsrllm_jax.throughput
+  counts them: frozen LLM forward + activation gradients (attention's backward has
+  twice its forward's products), the MLP projector's forward, dX and dW."""
+  from vsrllm_jax import throughput  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax.models.llm_config import LlmConfig  # pylint: disable=g-import-not-at-top
+  cfg = LlmConfig(vocab_size=a.vocab, hidden_dim=a.hidden, num_layers=a.layers,
+                  num_heads=a.heads, num_kv_heads=a.kv_heads, head_dim=a.hidden // a.heads,
+                  mlp_dim=a.ffn)
   seq = a.instr_len + a.frames + a.label_len
-  tokens = a.batch * seq
-  attention = 2 * 2 * a.batch * a.layers * seq * seq * a.hidden   # QK^T and AV, full square
-  llm_fwd = 2 * tokens * a.layers * layer + attention
-  llm = 2 * llm_fwd                                             # forward + activation grads
-  proj_params = a.enc_dim * a.hidden + a.hidden * a.hidden
-  proj = 3 * 2 * a.batch * a.frames * proj_params               # forward, dX, dW (dX into the
-  head = 2 * a.hidden * a.vocab                                 # LLM; the first dX is unused)
-  ours = llm + proj + 2 * a.batch * a.label_len * head          # head fwd + dX at labels only
-  peer = llm + proj + 2 * tokens * head                         # head on every position
-  return {"ours": ours, "peer": peer}
+  proj = 3 * 2 * a.batch * a.frames * (a.enc_dim * a.hidden + a.hidden * a.hidden)
+  llm = lambda positions: sum(throughput.llm_step_flops(cfg, a.batch, seq, positions).values())
+  return {"ours": llm(a.label_len) + proj,     # LM head at the label positions only
+          "peer": llm(seq) + proj}              # LM head on every position
 
 
 def main():

@@ -74,7 +74,8 @@ vsr_require_int PROCESS_ID "$PROCESS_ID"
 [[ $COORDINATOR_ADDRESS =~ ^[^:]+:[0-9]+$ || $COORDINATOR_ADDRESS =~ ^\[.*\]:[0-9]+$ ]] || \
     vsr_die "COORDINATOR_ADDRESS must be host:port, got '$COORDINATOR_ADDRESS'"
 nodes=${SLURM_NNODES:-${SLURM_JOB_NUM_NODES:-}}
-if [[ " ${from_slurm[*]} " == *" NUM_PROCESSES "* && -n $nodes && $nodes != "$NUM_PROCESSES" ]]; then
+if [[ " ${from_slurm[*]} " == *" NUM_PROCESSES "* && -n $nodes && $nodes != "$NUM_PROCESSES" ]]
+then
   vsr_die "SLURM_NTASKS=$NUM_PROCESSES tasks on $nodes nodes: run one task per node" \
       "(srun --ntasks-per-node=1); each process drives all GPUs of its node"
 fi

@@ -5,6 +5,7 @@
 #   launch/tpu_vm.sh [--dry-run] create [extra gcloud create flags]
 #   launch/tpu_vm.sh [--dry-run] setup
 #   launch/tpu_vm.sh [--dry-run] train [extra train flags, e.g. --config.total_steps=50]
+#   launch/tpu_vm.sh [--dry-run] ssh 'shell command'   (on every worker, e.g. to mount a bucket)
 #   launch/tpu_vm.sh [--dry-run] delete
 #
 # Environment (defaults in brackets; launch/README.md has the details):
@@ -19,8 +20,8 @@
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-usage() {
-  sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+usage() {   # the header comment above
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&2
   exit 2
 }
 
@@ -79,9 +80,11 @@ vsr_require_int NUM_HOSTS "$NUM_HOSTS"
 TPU_FLAGS=(--zone="$ZONE")
 [[ -n $PROJECT ]] && TPU_FLAGS+=(--project="$PROJECT")
 
-remote() {   # runs a bash command string on every worker
+remote() {   # runs the given shell steps, joined by '; ', on every worker
+  local steps
+  steps=$(printf '%s; ' "$@")
   vsr_run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${TPU_FLAGS[@]}" --worker=all \
-    --command="$1"
+    --command="set -e; ${steps%; }"
 }
 
 no_extra_args() {
@@ -100,24 +103,26 @@ push_code() {
   local dir
   dir=$(vsr_quote "$REMOTE_DIR")
   if [[ -n $REPO_URL ]]; then
-    local fetch="git -C $dir pull -q --ff-only"
-    [[ -n $GIT_REF ]] && fetch="git -C $dir fetch -q origin $(vsr_quote "$GIT_REF") && git -C $dir checkout -q FETCH_HEAD"
-    remote "set -e; [ -d $dir/.git ] || git clone -q $(vsr_quote "$REPO_URL") $dir; $fetch"
+    local update="git -C $dir pull -q --ff-only"
+    if [[ -n $GIT_REF ]]; then
+      update="git -C $dir fetch -q origin $(vsr_quote "$GIT_REF")"
+      update+=" && git -C $dir checkout -q FETCH_HEAD"
+    fi
+    remote "[ -d $dir/.git ] || git clone -q $(vsr_quote "$REPO_URL") $dir" "$update"
     return
   fi
   local tarball=${TMPDIR:-/tmp}/vsrllm_jax_src.tgz
+  local pack="git ls-files -z -co --exclude-standard"
+  pack+=" | tar czf $(vsr_quote "$tarball") --ignore-failed-read --null -T -"
   if [[ ${DRY_RUN:-0} == 1 ]]; then
-    echo "+ (cd $(vsr_quote "$VSR_REPO_ROOT") && git ls-files -z -co --exclude-standard" \
-         "| tar czf $(vsr_quote "$tarball") --null -T -)"
+    echo "+ (cd $(vsr_quote "$VSR_REPO_ROOT") && $pack)"
   else
-    (cd "$VSR_REPO_ROOT" && git ls-files -z -co --exclude-standard \
-       | tar czf "$tarball" --ignore-failed-read --null -T -)
+    (cd "$VSR_REPO_ROOT" && eval "$pack")
   fi
   vsr_run gcloud compute tpus tpu-vm scp "$tarball" "$TPU_NAME:vsrllm_jax_src.tgz" \
     "${TPU_FLAGS[@]}" --worker=all
-  # Replace the code but keep the virtual environment.
-  remote "set -e; mkdir -p $dir; find $dir -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} +;
-tar xzf vsrllm_jax_src.tgz -C $dir; rm vsrllm_jax_src.tgz"
+  # Unpacked over the previous copy: the venv and any workdir inside it stay.
+  remote "mkdir -p $dir" "tar xzf vsrllm_jax_src.tgz -C $dir" "rm vsrllm_jax_src.tgz"
 }
 
 cmd_setup() {
@@ -128,35 +133,43 @@ cmd_setup() {
   [[ -n $TORCH_INDEX_URL ]] && index=" --extra-index-url $(vsr_quote "$TORCH_INDEX_URL")"
   push_code
   # requirements.txt first, then jax[tpu] of the same version: jax stays, libtpu joins it.
-  remote "set -e; cd $(vsr_quote "$REMOTE_DIR")
-command -v $py >/dev/null || { sudo apt-get update -qq && sudo apt-get install -y -qq $py $py-venv; }
-[ -x .venv/bin/python ] || $py -m venv .venv
-. .venv/bin/activate
-pip install -q -U pip
-pip install -q -r requirements.txt$index
-pip install -q 'jax[tpu]==$jax_version'
-python -c 'import importlib.metadata as m; print(\"jax\", m.version(\"jax\"), \"libtpu\", m.version(\"libtpu\"))'"
+  local versions='import importlib.metadata as m; print(*(m.version(p) for p in ("jax", "libtpu")))'
+  local get_python="sudo apt-get update -qq && sudo apt-get install -y -qq $py $py-venv"
+  remote "cd $(vsr_quote "$REMOTE_DIR")" \
+    "command -v $py >/dev/null || { $get_python; }" \
+    "[ -x .venv/bin/python ] || $py -m venv .venv" \
+    ". .venv/bin/activate" \
+    "pip install -q -U pip" \
+    "pip install -q -r requirements.txt$index" \
+    "pip install -q 'jax[tpu]==$jax_version'" \
+    "python -c $(vsr_quote "$versions")"
 }
 
 cmd_train() {
   [[ -n $WORKDIR ]] || vsr_die "WORKDIR is not set: where checkpoints and metrics go" \
-      "(a gs:// URL or a path that every host of the slice shares)"
+      "(on a pod: storage that every host shares, see launch/README.md)"
   local distributed
   case $DISTRIBUTED in
     auto) distributed=$(( NUM_HOSTS > 1 )) ;;
     0|1) distributed=$DISTRIBUTED ;;
     *) vsr_die "DISTRIBUTED must be auto, 0 or 1, got '$DISTRIBUTED'" ;;
   esac
-  if (( NUM_HOSTS > 1 )) && [[ -z $DATA_DIR ]] && [[ " $* " != *" --config.data.data_dir="* ]]; then
-    vsr_die "a $NUM_HOSTS-host slice needs VSRLLM_DATA_DIR (or --config.data.data_dir=) on storage" \
-        "that every host shares: process 0 writes the feature cache there and all hosts read it"
+  if (( NUM_HOSTS > 1 )) && [[ -z $DATA_DIR && " $* " != *" --config.data.data_dir="* ]]; then
+    vsr_die "a $NUM_HOSTS-host slice needs VSRLLM_DATA_DIR (or --config.data.data_dir=)" \
+        "on storage that every host shares: process 0 writes the feature cache there and" \
+        "all hosts read it"
   fi
   local args=(python -m vsrllm_jax.train --config="$CONFIG" --workdir="$WORKDIR")
   (( distributed )) && args+=(--distributed)
   args+=("$@")
-  local env=''
-  [[ -n $DATA_DIR ]] && env="export VSRLLM_DATA_DIR=$(vsr_quote "$DATA_DIR"); "
-  remote "set -e; cd $(vsr_quote "$REMOTE_DIR"); . .venv/bin/activate; $env$(vsr_quote "${args[@]}")"
+  local steps=("cd $(vsr_quote "$REMOTE_DIR")" ". .venv/bin/activate")
+  [[ -n $DATA_DIR ]] && steps+=("export VSRLLM_DATA_DIR=$(vsr_quote "$DATA_DIR")")
+  remote "${steps[@]}" "$(vsr_quote "${args[@]}")"
+}
+
+cmd_ssh() {
+  [[ $# -ge 1 ]] || vsr_die "'ssh' needs a shell command to run on every worker"
+  remote "$*"
 }
 
 cmd_delete() {
@@ -168,7 +181,8 @@ case $SUBCOMMAND in
   create) cmd_create "$@" ;;
   setup) cmd_setup "$@" ;;
   train) cmd_train "$@" ;;
+  ssh) cmd_ssh "$@" ;;
   delete) cmd_delete "$@" ;;
   -h|--help|help) usage ;;
-  *) vsr_die "unknown subcommand '$SUBCOMMAND' (expected create, setup, train or delete)" ;;
+  *) vsr_die "unknown subcommand '$SUBCOMMAND' (expected create, setup, train, ssh or delete)" ;;
 esac

@@ -29,9 +29,11 @@ class _Source:
 
 def main(process_id: int, num_processes: int, port: int, workdir: str, out: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
-  if num_processes > 1:
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
-                               num_processes=num_processes, process_id=process_id)
+  if num_processes > 1:   # as `train --distributed` under launch/gpu_multinode.sh
+    from vsrllm_jax import train  # pylint: disable=g-import-not-at-top
+    train.initialize_distributed({"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                                  "JAX_NUM_PROCESSES": str(num_processes),
+                                  "JAX_PROCESS_ID": str(process_id)})
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from configs import common  # pylint: disable=g-import-not-at-top

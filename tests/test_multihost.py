@@ -79,3 +79,13 @@ def test_global_step_loss_equals_the_single_process_loss(runs):
 def test_orbax_saves_and_restores_from_both_processes(runs):
   hosts, _ = runs
   assert all(h["restored_equal"] and h["restored_step"] == 1 for h in hosts)
+
+
+def test_distributed_settings_from_the_environment_must_be_complete():
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax import train  # pylint: disable=g-import-not-at-top
+  with pytest.raises(app.UsageError, match="JAX_NUM_PROCESSES, JAX_PROCESS_ID not set"):
+    train.initialize_distributed({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+  with pytest.raises(app.UsageError, match="must be integers"):
+    train.initialize_distributed({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+                                  "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"})

@@ -185,6 +185,37 @@ def _per_task(prefix: str, rates: dict) -> dict[str, float]:
           if "/" in k and k.rsplit("/", 1)[1] in ("wer", "cer", "bleu")}
 
 
+DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def initialize_distributed(environ=None) -> None:
+  """``jax.distributed.initialize`` for ``--distributed``.
+
+  TPU pods, Slurm and Open MPI need no arguments. Other GPU clusters
+  (launch/gpu_multinode.sh) set all three DISTRIBUTED_ENV variables: jax reads
+  only the coordinator address from the environment, so the process count and
+  id are passed here, with cluster auto-detection off (Slurm's would narrow
+  each process to one GPU; each process keeps all GPUs of its node).
+  """
+  environ = os.environ if environ is None else environ
+  given = {k: environ.get(k, "") for k in DISTRIBUTED_ENV}
+  if not any(given.values()):
+    jax.distributed.initialize()
+    return
+  missing = [k for k, v in given.items() if not v]
+  if missing:
+    raise app.UsageError(f"--distributed: {', '.join(missing)} not set (set all of "
+                         f"{', '.join(DISTRIBUTED_ENV)} or none)")
+  try:
+    num, pid = int(given["JAX_NUM_PROCESSES"]), int(given["JAX_PROCESS_ID"])
+  except ValueError as e:
+    raise app.UsageError("--distributed: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be "
+                         f"integers ({e})") from e
+  jax.distributed.initialize(coordinator_address=given["JAX_COORDINATOR_ADDRESS"],
+                             num_processes=num, process_id=pid,
+                             cluster_detection_method="deactivate")
+
+
 class _QuietLibraries(logging.Filter):
   """Keeps orbax/grain INFO chatter out of the run log (warnings still pass)."""
 
@@ -199,7 +230,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if flags.FLAGS.distributed:
-    jax.distributed.initialize()
+    initialize_distributed()
   if flags.FLAGS.workdir is None or flags.FLAGS.config is None:
     raise app.UsageError("--config and --workdir are required")
   t0 = time.time()
