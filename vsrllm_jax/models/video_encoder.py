@@ -71,6 +71,7 @@ class StemConv(nn.Module):
   XLA:CPU runs it ~10x faster (its 3-D convolution with one input channel is
   slow). Parameter name and shape are those of ``nn.Conv``.
   """
+  TORCH_LAYOUT = {"kernel": "conv"}   # torch_layout: [*k, in, out] -> [out, in, *k]
   features: int
   kernel_size: tuple[int, int, int] = (5, 7, 7)
   dtype: Any = jnp.float32

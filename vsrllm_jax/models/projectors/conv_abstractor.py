@@ -24,6 +24,7 @@ from vsrllm_jax.models.projectors.base import Projector, ProjectorOutput
 
 class TemporalConv(nn.Module):
   """A 1-D 'SAME' convolution over time whose kernel carries logical axes."""
+  TORCH_LAYOUT = {"kernel": "conv"}   # torch_layout: [*k, in, out] -> [out, in, *k]
   features: int
   kernel_size: int
   dtype: jnp.dtype = jnp.float32
