@@ -1,0 +1,192 @@
+r"""Exports a training run's checkpoint for PyTorch (``vsrllm_jax/torch_port``) and HF.
+
+  python -m vsrllm_jax.convert --workdir=DIR --output=OUT [--step=N] [--llm_reference]
+
+Reads the run's config.json and its best checkpoint by validation WER (or
+``--step`` from checkpoints/), and writes:
+
+  OUT/llm/                    a Hugging Face directory (config.json, model.safetensors,
+                              tokenizer) that transformers' Auto classes load; with
+                              --llm_reference and a frozen pretrained LLM, instead
+                              OUT/llm_reference.json naming the original directory
+  OUT/encoder.pt              AV-HuBERT encoders: the fairseq layout (what
+                              ``encoder.path=*.pt`` imports)
+  OUT/encoder.safetensors     the compact video encoder: torch layout (params and
+                              batch-norm statistics, ``torch_layout``)
+  OUT/projector.safetensors   the projector in torch layout (Linear kernels
+                              transposed, conv kernels OI[D]HW, scan stacks per layer)
+  OUT/vsrllm_config.json      the run's config, the tokenizer's special ids and the
+                              instruction, the files above and their formats
+
+Everything is written into a temporary directory next to OUT and renamed to
+OUT at the end, so an interrupted export never looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import flax
+import jax
+import numpy as np
+from absl import app, flags
+
+from vsrllm_jax import checkpoint, optim, resolve, sharding, torch_layout, train_state
+from vsrllm_jax import workdir as workdir_lib
+from vsrllm_jax.data import tokenizer as tokenizer_lib
+from vsrllm_jax.models import avhubert, build as build_lib, hf_checkpoint, projectors
+from vsrllm_jax.models import fairseq_checkpoint, video_encoder, vision_tower
+from vsrllm_jax.models.vsr_model import VSRModel
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "vsrllm_config.json"
+
+
+def _define_flags():
+  flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
+  flags.DEFINE_string("output", None, "The export directory (must not exist).", required=True)
+  flags.DEFINE_integer("step", None, "Checkpoint step from checkpoints/ (default: the best).")
+  flags.DEFINE_bool("llm_reference", False, "Frozen pretrained LLM: write a reference to "
+                    "config.llm.path instead of a copy of its weights.")
+
+
+def _restore(workdir: str, step: int | None):
+  """(config, tokenizer, model, params, model_state, labels, step) of the run's checkpoint."""
+  config = workdir_lib.load_config(workdir)
+  name = config.projector.name
+  if name not in projectors.names():
+    raise ValueError(f"{workdir}/config.json names projector {name!r}, which this code does "
+                     f"not have; known: {projectors.names()}")
+  config, tok = resolve.resolve_config(config)
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  model = build_lib.build_model(config)
+  abstract, labels, _, _ = train_state.abstract_state(model, config, mesh)
+  ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
+  best = step is None
+  step = ckpts.best.best_step() if best else step
+  if step is None:
+    raise FileNotFoundError(f"{workdir}/{checkpoint.BEST_DIR} holds no checkpoint; pass --step")
+  if not best and step not in ckpts.latest.all_steps():
+    raise FileNotFoundError(f"no checkpoint {step} in {workdir}/{checkpoint.LATEST_DIR}; have "
+                            f"{ckpts.latest.all_steps()}")
+  state, _ = ckpts.restore(step, abstract, best=best)
+  ckpts.close()
+  return config, tok, model, jax.device_get(state.params), jax.device_get(state.model_state), \
+      labels, step
+
+
+def _sample_batch(config) -> dict:
+  batch = train_state.dummy_batch(config, 1)
+  return {k: np.asarray(v) for k, v in batch.items()}
+
+
+def _rules(model: VSRModel, config, prefix, collection="params", method=VSRModel.project):
+  batch = _sample_batch(config)
+  rngs = {"params": jax.random.key(0), "dropout": jax.random.key(0)}
+  boxed = jax.eval_shape(lambda: model.init(rngs, batch, train=False))
+  variables = flax.linen.meta.unbox(boxed)
+  kwargs = dict(train=False) if method is VSRModel.project else {}
+  return torch_layout.plan(model, boxed[collection], variables=variables, args=(batch,),
+                           method=method, kwargs=kwargs, prefix=prefix)
+
+
+def _save_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path,
+            metadata={"format": "pt"})
+
+
+def _strip(state: dict, prefix: str) -> dict:
+  return {k[len(prefix):]: v for k, v in state.items()}
+
+
+def _write_encoder(out: str, model: VSRModel, config, params, model_state) -> dict:
+  cfg = model.encoder_config
+  variables = {"params": params["encoder"],
+               "batch_stats": (model_state.get("batch_stats") or {}).get("encoder", {})}
+  if isinstance(cfg, avhubert.AvHubertConfig):
+    fairseq_checkpoint.save_avhubert(os.path.join(out, "encoder.pt"), cfg, variables)
+    return {"file": "encoder.pt", "format": "fairseq_avhubert", "config": _asdict(cfg)}
+  if isinstance(cfg, vision_tower.VisionTowerConfig):
+    raise NotImplementedError("exporting a vision tower (Hugging Face layout) is not "
+                              "implemented yet; the tower is frozen: use its original directory "
+                              f"{config.encoder.path!r}")
+  assert isinstance(cfg, video_encoder.VideoEncoderConfig)
+  tensors = torch_layout.to_state_dict(params, _rules(model, config, ("encoder",),
+                                                      method=VSRModel.encode))
+  if model_state.get("batch_stats"):   # running_mean / running_var beside the params
+    stats = _rules(model, config, ("encoder",), collection="batch_stats",
+                   method=VSRModel.encode)
+    tensors.update(torch_layout.to_state_dict(model_state["batch_stats"], stats))
+  _save_safetensors(os.path.join(out, "encoder.safetensors"), tensors)
+  return {"file": "encoder.safetensors", "format": "torch_layout", "config": _asdict(cfg)}
+
+
+def _asdict(cfg) -> dict:
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
+
+
+def convert(workdir: str, output: str, step: int | None = None,
+            llm_reference: bool = False) -> dict:
+  """Writes the export (see the module docstring); returns vsrllm_config.json's content."""
+  output = os.path.abspath(output)
+  if os.path.exists(output):
+    raise FileExistsError(f"--output={output} exists; choose a new directory")
+  config, tok, model, params, model_state, labels, step = _restore(workdir, step)
+  parent = os.path.dirname(output)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
+  try:
+    llm_frozen = all(v is optim.FROZEN for k, v in labels.items() if k[0] == "llm")
+    if llm_reference:
+      if not (llm_frozen and config.llm.path):
+        raise ValueError("--llm_reference needs a frozen LLM read from config.llm.path; this "
+                         "run " + ("trained LLM params" if not llm_frozen else
+                                   "initialised its LLM randomly (llm.path='')"))
+      llm = {"reference": os.path.abspath(config.llm.path)}
+      with open(os.path.join(tmp, "llm_reference.json"), "w") as f:
+        json.dump(llm, f, indent=2)
+    else:
+      hf_checkpoint.save_pretrained(os.path.join(tmp, "llm"), model.llm_config, params["llm"])
+      tok.save_pretrained(os.path.join(tmp, "llm"))
+      llm = {"dir": "llm", "trained": not llm_frozen}
+    encoder = _write_encoder(tmp, model, config, params, model_state)
+    _save_safetensors(os.path.join(tmp, "projector.safetensors"),
+                      torch_layout.to_state_dict(params, _rules(model, config, ("projector",))))
+    special = tokenizer_lib.special_tokens(tok, chat_template=config.data.get("chat_template",
+                                                                              False))
+    meta = {"format_version": FORMAT_VERSION, "source": {"workdir": os.path.abspath(workdir),
+                                                         "step": int(step)},
+            "llm": llm, "encoder": encoder,
+            "projector": {"file": "projector.safetensors", "format": "torch_layout",
+                          "config": dict(config.projector.to_dict()),
+                          "output_dim": model.llm_config.hidden_dim},
+            "tokenizer": {"bos_id": special.bos_id, "eos_ids": list(special.eos_ids),
+                          "pad_id": special.pad_id, "instruction": config.data.instruction,
+                          "chat_template": bool(config.data.get("chat_template", False))},
+            "decode": dict(config.decode.to_dict()),
+            "config": json.loads(config.to_json())}
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+      json.dump(meta, f, indent=2)
+    os.replace(tmp, output)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+  return meta
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  meta = convert(f.workdir, f.output, f.step, f.llm_reference)
+  print(json.dumps({"output": os.path.abspath(f.output), "step": meta["source"]["step"],
+                    "encoder": meta["encoder"]["format"]}))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
