@@ -1,15 +1,19 @@
 """The convert command: a training run -> HF LLM dir, encoder and projector in torch layouts."""
+import importlib.util
 import json
 import os
 
 import flax
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
 from tests import tiny_run_config
-from vsrllm_jax import checkpoint, convert, torch_layout, train
-from vsrllm_jax.models.vsr_model import VSRModel
+from vsrllm_jax import checkpoint, convert, from_torch, resolve, sharding, torch_layout, train
+from vsrllm_jax import train_state
+from vsrllm_jax import workdir as workdir_lib
+from vsrllm_jax.models import build as build_lib
 
 
 @pytest.fixture(scope="module")
@@ -54,28 +58,24 @@ def test_llm_dir_loads_in_transformers_with_the_checkpoint_weights(run, exported
   assert isinstance(model, torch.nn.Module)
 
 
-def test_jax_to_torch_to_jax_is_bit_identical(run, exported):
+def _assert_same(got, want):
+  got, want = flax.traverse_util.flatten_dict(got), flax.traverse_util.flatten_dict(want)
+  assert got and set(got) == set(want)
+  for k in want:
+    assert got[k].dtype == want[k].dtype, k
+    np.testing.assert_array_equal(got[k], want[k], err_msg="/".join(k))
+
+
+def test_jax_to_torch_files_to_jax_is_bit_identical(run, exported):
   out, _ = exported
   config, _, model, params, model_state, _, _ = convert._restore(run, None)  # pylint: disable=protected-access
-  for part, prefix, method in (("projector", ("projector",), VSRModel.project),
-                               ("encoder", ("encoder",), VSRModel.encode)):
-    state = load_file(os.path.join(out, f"{part}.safetensors"))
-    rules = convert._rules(model, config, prefix, method=method)  # pylint: disable=protected-access
-    if part == "encoder":
-      stats = convert._rules(model, config, prefix, collection="batch_stats", method=method)  # pylint: disable=protected-access
-      stat_keys = {r.torch_key.replace("{i}", str(i)) for r in stats.values()
-                   for i in range(r.shape[0] if r.stacked else 1)}
-      back_stats = torch_layout.from_state_dict({k: state[k] for k in stat_keys}, stats)
-      for k, v in flax.traverse_util.flatten_dict(back_stats).items():
-        np.testing.assert_array_equal(
-            v, flax.traverse_util.flatten_dict(model_state["batch_stats"])[k])
-      state = {k: v for k, v in state.items() if k not in stat_keys}
-    back = flax.traverse_util.flatten_dict(torch_layout.from_state_dict(state, rules))
-    flat = flax.traverse_util.flatten_dict(params)
-    assert back and set(back) == {k for k in flat if k[0] == part}
-    for k, v in back.items():
-      assert v.dtype == flat[k].dtype
-      np.testing.assert_array_equal(v, flat[k], err_msg="/".join(k))
+  projector = torch_layout.from_state_dict(load_file(os.path.join(out, "projector.safetensors")),
+                                           convert.projector_rules(model, config))
+  _assert_same(projector["projector"], params["projector"])
+  encoder = from_torch.read_encoder(load_file(os.path.join(out, "encoder.safetensors")), model,
+                                    config)
+  _assert_same(encoder["params"], params["encoder"])
+  _assert_same(encoder["batch_stats"], model_state["batch_stats"]["encoder"])
 
 
 def test_failures_name_what_is_wrong_and_leave_nothing(run, tmp_path):
@@ -97,3 +97,31 @@ def test_failures_name_what_is_wrong_and_leave_nothing(run, tmp_path):
   with pytest.raises(ValueError, match="no_such_projector"):
     convert.convert(str(bad), str(tmp_path / "bad_out"))
   assert checkpoint.BEST_DIR   # the run itself is untouched
+
+
+def test_torch_export_imports_back_bit_identical_and_training_continues(run, exported,
+                                                                        tmp_path):
+  out, meta = exported
+  new = str(tmp_path / "imported")
+  step = from_torch.import_export(out, new)
+  assert step == meta["source"]["step"]
+  config, _ = resolve.resolve_config(workdir_lib.load_config(new))
+  _, _, _, params, model_state, _, _ = convert._restore(run, None)  # pylint: disable=protected-access
+  abstract = train_state.abstract_state(build_lib.build_model(config), config,
+                                        sharding.make_mesh((1, 1, 1), jax.devices()[:1]))[0]
+  ckpts = checkpoint.Checkpoints(new, 2)
+  state, restored_meta = ckpts.restore(step, abstract)
+  ckpts.close()
+  assert restored_meta["imported_from"] == os.path.abspath(out)
+  _assert_same(jax.device_get(state.params), params)           # JAX -> PyTorch -> JAX
+  _assert_same(jax.device_get(state.model_state), model_state)
+  # The train command's config file for the new run continues from the imported step.
+  spec = importlib.util.spec_from_file_location("imported_config", os.path.join(new, "config.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.total_steps = step + 2
+  train.train_and_evaluate(config, new)
+  ckpts = checkpoint.Checkpoints(new, 2)
+  assert ckpts.latest_step() == step + 2
+  ckpts.close()

@@ -97,8 +97,13 @@ class Checkpoints:
     """
     manager = self.best if best else self.latest
     items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+    has_data = os.path.isdir(os.path.join(str(manager.directory), str(step), "data"))
     if data_iterator is not None and not best:
-      items["data"] = grain.PyGrainCheckpointRestore(data_iterator)
+      if has_data:
+        items["data"] = grain.PyGrainCheckpointRestore(data_iterator)
+      else:   # e.g. imported from a PyTorch export (vsrllm_jax.from_torch)
+        logging.warning("checkpoint %s/%d has no data-iterator state: the data order "
+                        "starts afresh", manager.directory, step)
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     meta = dict(restored.meta)
     version = meta.get("format_version")

@@ -36,8 +36,8 @@ from absl import app, flags
 from vsrllm_jax import checkpoint, optim, resolve, sharding, torch_layout, train_state
 from vsrllm_jax import workdir as workdir_lib
 from vsrllm_jax.data import tokenizer as tokenizer_lib
-from vsrllm_jax.models import avhubert, build as build_lib, hf_checkpoint, projectors
-from vsrllm_jax.models import fairseq_checkpoint, video_encoder, vision_tower
+from vsrllm_jax.models import avhubert, build as build_lib, encoder_io, hf_checkpoint
+from vsrllm_jax.models import fairseq_checkpoint, projectors, video_encoder, vision_tower
 from vsrllm_jax.models.vsr_model import VSRModel
 
 FORMAT_VERSION = 1
@@ -114,14 +114,22 @@ def _write_encoder(out: str, model: VSRModel, config, params, model_state) -> di
                               "implemented yet; the tower is frozen: use its original directory "
                               f"{config.encoder.path!r}")
   assert isinstance(cfg, video_encoder.VideoEncoderConfig)
-  tensors = torch_layout.to_state_dict(params, _rules(model, config, ("encoder",),
-                                                      method=VSRModel.encode))
+  tensors = torch_layout.to_state_dict(params, encoder_rules(model, config))
   if model_state.get("batch_stats"):   # running_mean / running_var beside the params
-    stats = _rules(model, config, ("encoder",), collection="batch_stats",
-                   method=VSRModel.encode)
-    tensors.update(torch_layout.to_state_dict(model_state["batch_stats"], stats))
+    tensors.update(torch_layout.to_state_dict(model_state["batch_stats"],
+                                              encoder_rules(model, config, "batch_stats")))
   _save_safetensors(os.path.join(out, "encoder.safetensors"), tensors)
-  return {"file": "encoder.safetensors", "format": "torch_layout", "config": _asdict(cfg)}
+  return {"file": "encoder.safetensors", "format": "torch_layout",
+          "config": encoder_io.config_to_json(cfg)}
+
+
+def encoder_rules(model: VSRModel, config, collection: str = "params"):
+  """torch_layout rules of the compact encoder's ``params`` or ``batch_stats``."""
+  return _rules(model, config, ("encoder",), collection=collection, method=VSRModel.encode)
+
+
+def projector_rules(model: VSRModel, config):
+  return _rules(model, config, ("projector",))
 
 
 def _asdict(cfg) -> dict:
@@ -155,7 +163,7 @@ def convert(workdir: str, output: str, step: int | None = None,
       llm = {"dir": "llm", "trained": not llm_frozen}
     encoder = _write_encoder(tmp, model, config, params, model_state)
     _save_safetensors(os.path.join(tmp, "projector.safetensors"),
-                      torch_layout.to_state_dict(params, _rules(model, config, ("projector",))))
+                      torch_layout.to_state_dict(params, projector_rules(model, config)))
     special = tokenizer_lib.special_tokens(tok, chat_template=config.data.get("chat_template",
                                                                               False))
     meta = {"format_version": FORMAT_VERSION, "source": {"workdir": os.path.abspath(workdir),

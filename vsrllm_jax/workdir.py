@@ -61,11 +61,11 @@ def write_run_info(workdir: str, config: ml_collections.ConfigDict) -> None:
   _atomic_write(os.path.join(workdir, RUN_INFO_FILE), json.dumps(info, indent=2) + "\n")
 
 
-def _to_tuples(x):
+def to_tuples(x):
   if isinstance(x, list):
-    return tuple(_to_tuples(v) for v in x)
+    return tuple(to_tuples(v) for v in x)
   if isinstance(x, dict):
-    return {k: _to_tuples(v) for k, v in x.items()}
+    return {k: to_tuples(v) for k, v in x.items()}
   return x
 
 
@@ -78,4 +78,4 @@ def load_config(workdir: str, override: ml_collections.ConfigDict | None = None)
     raise FileNotFoundError(f"{path} does not exist: is --workdir a training run's workdir? "
                             "(or pass --config)")
   with open(path) as f:
-    return ml_collections.ConfigDict(_to_tuples(json.load(f)))
+    return ml_collections.ConfigDict(to_tuples(json.load(f)))

@@ -77,13 +77,13 @@ def expected_shapes(config: VideoEncoderConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def _config_to_json(config: VideoEncoderConfig) -> dict[str, Any]:
+def config_to_json(config: VideoEncoderConfig) -> dict[str, Any]:
   fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
   fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in fields.items()}
   return {"format": FORMAT, **fields}
 
 
-def _config_from_json(blob: Mapping[str, Any], source: str) -> VideoEncoderConfig:
+def config_from_json(blob: Mapping[str, Any], source: str) -> VideoEncoderConfig:
   if blob.get("format") != FORMAT:
     raise ValueError(f"{source}: field 'format' = {blob.get('format')!r}, expected {FORMAT!r}")
   known = {f.name for f in dataclasses.fields(VideoEncoderConfig)}
@@ -121,7 +121,7 @@ def save_encoder(directory, config: VideoEncoderConfig, variables: Mapping[str, 
   directory.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
   try:
-    (tmp / CONFIG_FILE).write_text(json.dumps(_config_to_json(config), indent=2) + "\n")
+    (tmp / CONFIG_FILE).write_text(json.dumps(config_to_json(config), indent=2) + "\n")
     save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
     umask = os.umask(0)
     os.umask(umask)
@@ -154,7 +154,7 @@ def read_config(directory) -> VideoEncoderConfig:
     blob = json.loads(cfg_file.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
-  return _config_from_json(blob, str(cfg_file))
+  return config_from_json(blob, str(cfg_file))
 
 
 def load_encoder(directory) -> tuple[VideoEncoderConfig, dict[str, Any]]:
