@@ -15,8 +15,9 @@ Reads the run's config.json and its best checkpoint by validation WER (or
                               batch-norm statistics, ``torch_layout``)
   OUT/projector.safetensors   the projector in torch layout (Linear kernels
                               transposed, conv kernels OI[D]HW, scan stacks per layer)
-  OUT/vsrllm_config.json      the run's config, the tokenizer's special ids and the
-                              instruction, the files above and their formats
+  OUT/vsrllm_config.json      the run's config, the tokenizer's special ids, the
+                              instruction token ids per task, the files above and
+                              their formats
 
 Everything is written into a temporary directory next to OUT and renamed to
 OUT at the end, so an interrupted export never looks complete.
@@ -35,8 +36,9 @@ from absl import app, flags
 
 from vsrllm_jax import checkpoint, optim, resolve, sharding, torch_layout, train_state
 from vsrllm_jax import workdir as workdir_lib
+from vsrllm_jax.data import tasks as tasks_lib
 from vsrllm_jax.data import tokenizer as tokenizer_lib
-from vsrllm_jax.models import avhubert, build as build_lib, encoder_io, hf_checkpoint
+from vsrllm_jax.models import avhubert, build as build_lib, encoder_io, encoders, hf_checkpoint
 from vsrllm_jax.models import fairseq_checkpoint, projectors, video_encoder, vision_tower
 from vsrllm_jax.models.vsr_model import VSRModel
 
@@ -132,6 +134,15 @@ def projector_rules(model: VSRModel, config):
   return _rules(model, config, ("projector",))
 
 
+def _instruction_ids(config, tok, special) -> dict[str, dict]:
+  texts = ({"": config.data.instruction} if config.data.instruction
+           else tasks_lib.instructions())
+  chat = bool(config.data.get("chat_template", False))
+  return {task: {"text": text, "ids": tokenizer_lib.instruction_ids(tok, text, special,
+                                                                   chat_template=chat)}
+          for task, text in texts.items()}
+
+
 def _asdict(cfg) -> dict:
   import dataclasses  # pylint: disable=g-import-not-at-top
   return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
@@ -162,6 +173,7 @@ def convert(workdir: str, output: str, step: int | None = None,
       tok.save_pretrained(os.path.join(tmp, "llm"))
       llm = {"dir": "llm", "trained": not llm_frozen}
     encoder = _write_encoder(tmp, model, config, params, model_state)
+    encoder["feature_dim"] = encoders.feature_dim(model.encoder_config)
     _save_safetensors(os.path.join(tmp, "projector.safetensors"),
                       torch_layout.to_state_dict(params, projector_rules(model, config)))
     special = tokenizer_lib.special_tokens(tok, chat_template=config.data.get("chat_template",
@@ -174,16 +186,33 @@ def convert(workdir: str, output: str, step: int | None = None,
                           "output_dim": model.llm_config.hidden_dim},
             "tokenizer": {"bos_id": special.bos_id, "eos_ids": list(special.eos_ids),
                           "pad_id": special.pad_id, "instruction": config.data.instruction,
-                          "chat_template": bool(config.data.get("chat_template", False))},
+                          "chat_template": bool(config.data.get("chat_template", False)),
+                          "max_instruction_tokens": int(config.data.max_instruction_tokens)},
+            # The prompt's first segment exactly as training built it (BOS, template),
+            # per task ('' when one instruction serves every clip).
+            "instructions": _instruction_ids(config, tok, special),
             "decode": dict(config.decode.to_dict()),
             "config": json.loads(config.to_json())}
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(meta, f, indent=2)
+    _share(tmp)
     os.replace(tmp, output)
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp)
   return meta
+
+
+def _share(directory: str) -> None:
+  """mkdtemp's directory (and safetensors' files) are private; an export is not."""
+  umask = os.umask(0)
+  os.umask(umask)
+  for root, dirs, files in os.walk(directory):
+    os.chmod(root, 0o777 & ~umask)
+    for name in dirs:
+      os.chmod(os.path.join(root, name), 0o777 & ~umask)
+    for name in files:
+      os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def main(argv):
