@@ -130,7 +130,9 @@ def test_torch_export_imports_back_bit_identical_and_training_continues(run, exp
 def test_pytorch_side_transcribes_the_test_split_as_jax_does(run, exported):
   from vsrllm_jax.tools import compare_torch  # pylint: disable=g-import-not-at-top
   out, _ = exported
-  result = compare_torch.compare(run, out, "test")
-  assert result["clips"] == 4
-  assert result["identical"] == 1.0, open(os.path.join(out, "compare_test.jsonl")).read()
-  assert result["jax"]["wer"] == result["torch"]["wer"]
+  for strategy in ("greedy", "beam"):
+    result = compare_torch.compare(run, out, "test", strategy)
+    assert result["clips"] == 4
+    assert result["identical"] == 1.0, open(
+        os.path.join(out, f"compare_test_{strategy}.jsonl")).read()
+    assert result["jax"]["wer"] == result["torch"]["wer"]

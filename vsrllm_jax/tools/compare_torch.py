@@ -3,11 +3,11 @@ r"""Transcribes a split with a run's JAX checkpoint and with its PyTorch export;
   python -m vsrllm_jax.convert --workdir=RUN --output=EXPORT
   python -m vsrllm_jax.tools.compare_torch --workdir=RUN --export=EXPORT [--split=test]
 
-Greedy on both sides (the run's decode settings otherwise). The JAX side is the
+Greedy (or ``--strategy=beam``) on both sides, the run's decode settings otherwise. The JAX side is the
 decode command (best checkpoint); the PyTorch side is ``torch_port.VsrLlm``
 reading raw video through the exported encoder. Prints the fraction of
 identical transcripts and each side's WER/CER, and writes
-EXPORT/compare_<split>.jsonl with both hypotheses per clip.
+EXPORT/compare_<split>_<strategy>.jsonl with both hypotheses per clip.
 """
 from __future__ import annotations
 
@@ -20,21 +20,25 @@ from absl import app, flags
 from vsrllm_jax import decode, evaluation, resolve
 from vsrllm_jax import workdir as workdir_lib
 from vsrllm_jax.data import pipeline
+from vsrllm_jax.models import generation
 
 
 def _define_flags():
   flags.DEFINE_string("workdir", None, "The training run.", required=True)
   flags.DEFINE_string("export", None, "Its export (vsrllm_jax.convert).", required=True)
   flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split to transcribe.")
+  flags.DEFINE_enum("strategy", "greedy", ["greedy", "beam"], "Decoding (beam: the run's "
+                    "decode.beam_size, length_penalty, early_stopping).")
 
 
-def torch_rows(workdir: str, export: str, split: str) -> list[dict]:
+def torch_rows(workdir: str, export: str, split: str, strategy: str = "greedy") -> list[dict]:
   """{'id', 'reference', 'hypothesis'} per clip from the PyTorch export."""
   import torch  # pylint: disable=g-import-not-at-top
   from vsrllm_jax.torch_port.model import VsrLlm  # pylint: disable=g-import-not-at-top
   model, tok, meta = VsrLlm.from_export(export)
   config, _ = resolve.resolve_config(workdir_lib.load_config(workdir))
   eos = meta["tokenizer"]["eos_ids"]
+  options = generation.options_from_config(config.decode)   # with defaults for older runs
   rows = []
   for batch in pipeline.eval_batches(config.data, tok, split,
                                      global_batch_size=config.eval_batch_size,
@@ -45,19 +49,22 @@ def torch_rows(workdir: str, export: str, split: str) -> list[dict]:
       index = [i for i in real if tasks[i] == task]
       tokens = model.generate(torch.from_numpy(np.asarray(batch["video"])[index]),
                               torch.from_numpy(np.asarray(batch["video_mask"])[index]),
-                              task=task, max_new_tokens=int(config.decode.max_new_tokens))
+                              task=task, max_new_tokens=options["max_new_tokens"],
+                              strategy=strategy, beam_size=options["beam_size"],
+                              length_penalty=options["length_penalty"],
+                              early_stopping=options["early_stopping"])
       texts = evaluation.tokens_to_text(tok, tokens.numpy(), eos)
       rows += [dict(id=str(batch["id"][i]), reference=str(batch["text"][i]), hypothesis=t)
                for i, t in zip(index, texts)]
   return rows
 
 
-def compare(workdir: str, export: str, split: str = "test") -> dict:
+def compare(workdir: str, export: str, split: str = "test", strategy: str = "greedy") -> dict:
   """Decodes with both sides; returns the fraction identical and both sides' rates."""
-  result = decode.decode(workdir, split, strategy="greedy")
+  result = decode.decode(workdir, split, strategy=strategy)
   with open(result["path"]) as f:
     jax_rows = {r["id"]: r for r in map(json.loads, f)}
-  rows = torch_rows(workdir, export, split)
+  rows = torch_rows(workdir, export, split, strategy)
   if sorted(r["id"] for r in rows) != sorted(jax_rows):
     raise ValueError(f"the two sides decoded different clips of {split!r}")
   same = [r["hypothesis"] == jax_rows[r["id"]]["hypothesis"] for r in rows]
@@ -65,7 +72,7 @@ def compare(workdir: str, export: str, split: str = "test") -> dict:
   out = {"clips": len(rows), "identical": float(np.mean(same)),
          "jax": evaluation.error_rates(refs, [jax_rows[r["id"]]["hypothesis"] for r in rows]),
          "torch": evaluation.error_rates(refs, [r["hypothesis"] for r in rows])}
-  with open(os.path.join(export, f"compare_{split}.jsonl"), "w") as f:
+  with open(os.path.join(export, f"compare_{split}_{strategy}.jsonl"), "w") as f:
     for r in rows:
       f.write(json.dumps(dict(r, jax_hypothesis=jax_rows[r["id"]]["hypothesis"])) + "\n")
   return out
@@ -74,7 +81,8 @@ def compare(workdir: str, export: str, split: str = "test") -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  print(json.dumps(compare(flags.FLAGS.workdir, flags.FLAGS.export, flags.FLAGS.split)))
+  print(json.dumps(compare(flags.FLAGS.workdir, flags.FLAGS.export, flags.FLAGS.split,
+                           flags.FLAGS.strategy)))
 
 
 if __name__ == "__main__":

@@ -106,15 +106,19 @@ class VsrLlm(nn.Module):
   def generate(self, video: torch.Tensor, video_mask: torch.Tensor, task: str = "", *,
                max_new_tokens: int | None = None, strategy: str = "greedy",
                beam_size: int = 4, length_penalty: float = 1.0,
-               early_stopping: bool | str = True) -> torch.Tensor:
-    """Token ids [B, max_new_tokens] with ``pad_id`` after each row's first EOS."""
+               early_stopping: bool | str = "heuristic") -> torch.Tensor:
+    """Token ids [B, max_new_tokens] with ``pad_id`` after each row's first EOS.
+
+    Beam options as our ``config.decode``: ``early_stopping`` True, 'heuristic'
+    (transformers' False) or 'never'.
+    """
     n = max_new_tokens or self.max_new_tokens
     embeds, mask = self.prompt(video, video_mask, task)
     options: dict[str, Any] = dict(max_new_tokens=n, do_sample=False,
                                    eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
     if strategy == "beam":
       options.update(num_beams=beam_size, length_penalty=length_penalty,
-                     early_stopping=early_stopping)
+                     early_stopping={"heuristic": False}.get(early_stopping, early_stopping))
     elif strategy != "greedy":
       raise ValueError(f"strategy {strategy!r}: the PyTorch side decodes 'greedy' or 'beam'")
     out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask.long(), **options)

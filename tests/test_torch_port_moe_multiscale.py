@@ -1,0 +1,136 @@
+"""The PyTorch ports of ``hierarchical_moe`` and ``multiscale_contrastive`` against ours.
+
+Random (not init) params exported with ``torch_layout``; the shared padded
+batch has a clip with no real frame. Routing ties are checked on the MoE FFN
+alone, where the router can be made to tie exactly.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from tests.test_torch_port_projectors import encoded  # noqa: F401  (a shared fixture)
+from tests.test_torch_port_projectors import TOL, load, random_params, to_torch
+from tests.tiny import tiny_config
+from vsrllm_jax import torch_layout
+from vsrllm_jax.models import build as build_lib
+from vsrllm_jax.models import projectors as jax_projectors
+from vsrllm_jax.models.projectors import moe as jax_moe
+from vsrllm_jax.models.vsr_model import VSRModel
+from vsrllm_jax.torch_port import projectors as torch_projectors
+from vsrllm_jax.torch_port.projectors import moe as torch_moe
+
+NAMES = ["hierarchical_moe", "multiscale_contrastive"]
+# The defaults, then non-default fields: top-1 (Switch gates), 3 stages pooling by 3 over
+# 12 frames (a ragged last window on padded clips), no time embedding, odd scales order.
+CASES = [(name, {}) for name in NAMES] + [
+    ("hierarchical_moe", dict(hidden_dim=16, num_stages=3, layers_per_stage=2, pool=3,
+                              num_experts=3, top_k=1, num_heads=2, mlp_ratio=1,
+                              time_embedding_dim=0)),
+    ("hierarchical_moe", dict(num_experts=5, top_k=3, time_embedding_dim=7)),
+    ("multiscale_contrastive", dict(scales=(3, 1), num_output_tokens=5, num_heads=2,
+                                    mlp_ratio=1, time_embedding_dim=6)),
+]
+
+
+@pytest.fixture(scope="module", params=CASES,
+                ids=[name + "".join(f"-{k}={v}" for k, v in f.items()) for name, f in CASES])
+def projector_case(request, encoded):  # noqa: F811
+  """(label, ours: tokens/mask, torch: tokens/mask) on the shared padded batch."""
+  name, fields = request.param
+  config = tiny_config(name, **fields)
+  model = build_lib.build_model(config)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), encoded, train=False,
+                                            method=VSRModel.project))
+  params = random_params(boxed["params"], seed=2)
+  variables = {"params": params}
+  out, _, _ = model.apply(variables, encoded, train=False, method=VSRModel.project)
+  rules = torch_layout.plan(model, boxed["params"], variables=variables, args=(encoded,),
+                            method=VSRModel.project, kwargs=dict(train=False),
+                            prefix=("projector",))
+  feats = encoded["features"]
+  module = load(torch_projectors.build(name, config.projector, config.llm.hidden_dim,
+                                       feats.shape[-1]), torch_layout.to_state_dict(params, rules))
+  with torch.no_grad():
+    got = module(to_torch(feats), to_torch(encoded["features_mask"]))
+  return (f"{name} {fields or ''}", (np.asarray(out.tokens), np.asarray(out.mask)),
+          (got.tokens.numpy(), got.mask.numpy()))
+
+
+def test_projector_matches_ours(projector_case, torch_single_thread):
+  name, (want, want_mask), (got, got_mask) = projector_case
+  assert got.shape == want.shape and got.dtype == np.float32, (got.shape, want.shape)
+  np.testing.assert_array_equal(got_mask, want_mask)
+  assert got_mask.dtype == np.bool_ and got_mask.any()
+  real = want[want_mask]
+  assert np.abs(real).max() > 0.1, "a vacuous comparison: the outputs are (near) zero"
+  err = float(np.abs(got[got_mask] - real).max())
+  print(f"\n{name}: max abs error {err:.3g} on {int(want_mask.sum())} real tokens")
+  assert err <= TOL, (name, err)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_fields_match_ours(name):
+  ours = {k: v for k, v in jax_projectors.config_fields(name).items()
+          if k not in torch_projectors.SHARED_FIELDS}
+  assert torch_projectors.config_fields(name) == ours
+  for attr in ("text_aware", "sequence_preserving"):
+    assert (getattr(torch_projectors.get_class(name), attr)
+            == getattr(jax_projectors.get_class(name), attr))
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_moe_ffn_routing_ties_match_ours(top_k, torch_single_thread):
+  """A router whose probabilities tie exactly (zero kernel, tied biases) plus a per-clip
+  router_bias that breaks some ties: the same experts, gates and outputs as ours."""
+  b, s, d, e, h = 3, 4, 6, 5, 7
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((b, s, d)), jnp.float32)
+  mask = jnp.asarray(np.arange(s)[None] < np.array([[0], [s], [2]]))
+  router_bias = jnp.asarray([[0., 0., 0., 0., 0.], [0., 1., 0., 1., 1.], [2., 0., 2., 0., 0.]])
+  ours = jax_moe.MoeFfn(num_experts=e, top_k=top_k, hidden_dim=h)
+  boxed = jax.eval_shape(lambda: ours.init(jax.random.key(0), x, mask, router_bias))
+  params = random_params(boxed["params"], seed=6)
+  params["router"]["kernel"] = np.zeros_like(params["router"]["kernel"])
+  params["router"]["bias"] = np.array([0.5, 0.5, 0.2, 0.5, 0.2], np.float32)
+  want, _, expert_mask = ours.apply({"params": params}, x, mask, router_bias)
+  assert np.all(np.asarray(expert_mask).sum(-1) == top_k)
+  rules = torch_layout.plan(ours, boxed["params"], variables={"params": params},
+                            args=(x, mask, router_bias))
+  theirs = load(torch_moe.MoeFfn(d, e, top_k, h), torch_layout.to_state_dict(params, rules))
+  with torch.no_grad():
+    got = theirs(to_torch(x), to_torch(router_bias)).numpy()
+  assert np.abs(np.asarray(want)).max() > 0.1
+  np.testing.assert_allclose(got, np.asarray(want), atol=TOL, rtol=0)
+  # The combine weights themselves: ties go to the lower expert index, as jax.lax.top_k.
+  logits = torch.from_numpy(params["router"]["bias"])[None] + to_torch(router_bias)
+  combine = torch_moe.route(logits, top_k).numpy()
+  np.testing.assert_array_equal(combine > 0, np.asarray(expert_mask)[:, 0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_runs_in_bfloat16(name):
+  module = torch_projectors.build(name, {}, 8, 4).to(torch.bfloat16)
+  x, mask = torch.randn(2, 6, 4), torch.arange(6)[None] < torch.tensor([[0], [5]])
+  with torch.no_grad():
+    out = module(x, mask)
+  assert out.tokens.dtype == torch.bfloat16 and out.mask.dtype == torch.bool
+  assert out.tokens.shape[-1] == 8 and tuple(out.mask.shape) == tuple(out.tokens.shape[:2])
+  assert torch.isfinite(out.tokens.float()).all()
+
+
+def test_bad_configs_are_named():
+  with pytest.raises(ValueError, match="top_k <= num_experts.*top_k=3"):
+    torch_projectors.build("hierarchical_moe", {"num_experts": 2, "top_k": 3}, 8, 4)
+  with pytest.raises(ValueError, match="hierarchical_moe needs num_stages"):
+    torch_projectors.build("hierarchical_moe", {"pool": 0}, 8, 4)
+  with pytest.raises(ValueError, match="not divisible by num_heads 3"):
+    torch_projectors.build("hierarchical_moe", {"num_heads": 3}, 8, 4)
+  with pytest.raises(ValueError, match="multiscale_contrastive: scales.*0"):
+    torch_projectors.build("multiscale_contrastive", {"scales": [1, 0]}, 8, 4)
+  with pytest.raises(ValueError, match="multiscale_contrastive: scales"):
+    torch_projectors.build("multiscale_contrastive", {"scales": [2, 2]}, 8, 4)
+  module = torch_projectors.build("hierarchical_moe", {"num_experts": 3}, 8, 4)
+  with pytest.raises(ValueError, match=r"router_bias must be \[batch, num_experts\]"):
+    module.trunk(torch.zeros(2, 3, 4), torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, 4))
