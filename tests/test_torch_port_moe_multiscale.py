@@ -10,14 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_torch_port_projectors import encoded  # noqa: F401  (a shared fixture)
-from tests.test_torch_port_projectors import TOL, load, random_params, to_torch
-from tests.tiny import tiny_config
+from tests.torch_port_parity import (TOL, assert_config_fields_match, assert_matches, case_id,
+                                     encoded_batch, load, random_params, run_case, to_torch)
 from vsrllm_jax import torch_layout
-from vsrllm_jax.models import build as build_lib
-from vsrllm_jax.models import projectors as jax_projectors
 from vsrllm_jax.models.projectors import moe as jax_moe
-from vsrllm_jax.models.vsr_model import VSRModel
 from vsrllm_jax.torch_port import projectors as torch_projectors
 from vsrllm_jax.torch_port.projectors import moe as torch_moe
 
@@ -34,50 +30,25 @@ CASES = [(name, {}) for name in NAMES] + [
 ]
 
 
-@pytest.fixture(scope="module", params=CASES,
-                ids=[name + "".join(f"-{k}={v}" for k, v in f.items()) for name, f in CASES])
-def projector_case(request, encoded):  # noqa: F811
-  """(label, ours: tokens/mask, torch: tokens/mask) on the shared padded batch."""
+@pytest.fixture(scope="module")
+def encoded():
+  return encoded_batch()
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[case_id(*c) for c in CASES])
+def projector_case(request, encoded):
   name, fields = request.param
-  config = tiny_config(name, **fields)
-  model = build_lib.build_model(config)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), encoded, train=False,
-                                            method=VSRModel.project))
-  params = random_params(boxed["params"], seed=2)
-  variables = {"params": params}
-  out, _, _ = model.apply(variables, encoded, train=False, method=VSRModel.project)
-  rules = torch_layout.plan(model, boxed["params"], variables=variables, args=(encoded,),
-                            method=VSRModel.project, kwargs=dict(train=False),
-                            prefix=("projector",))
-  feats = encoded["features"]
-  module = load(torch_projectors.build(name, config.projector, config.llm.hidden_dim,
-                                       feats.shape[-1]), torch_layout.to_state_dict(params, rules))
-  with torch.no_grad():
-    got = module(to_torch(feats), to_torch(encoded["features_mask"]))
-  return (f"{name} {fields or ''}", (np.asarray(out.tokens), np.asarray(out.mask)),
-          (got.tokens.numpy(), got.mask.numpy()))
+  return (case_id(name, fields),) + run_case(name, fields, encoded)[:2]
 
 
 def test_projector_matches_ours(projector_case, torch_single_thread):
-  name, (want, want_mask), (got, got_mask) = projector_case
-  assert got.shape == want.shape and got.dtype == np.float32, (got.shape, want.shape)
-  np.testing.assert_array_equal(got_mask, want_mask)
-  assert got_mask.dtype == np.bool_ and got_mask.any()
-  real = want[want_mask]
-  assert np.abs(real).max() > 0.1, "a vacuous comparison: the outputs are (near) zero"
-  err = float(np.abs(got[got_mask] - real).max())
-  print(f"\n{name}: max abs error {err:.3g} on {int(want_mask.sum())} real tokens")
-  assert err <= TOL, (name, err)
+  label, want, got = projector_case
+  assert_matches(label, want, got)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_config_fields_match_ours(name):
-  ours = {k: v for k, v in jax_projectors.config_fields(name).items()
-          if k not in torch_projectors.SHARED_FIELDS}
-  assert torch_projectors.config_fields(name) == ours
-  for attr in ("text_aware", "sequence_preserving"):
-    assert (getattr(torch_projectors.get_class(name), attr)
-            == getattr(jax_projectors.get_class(name), attr))
+  assert_config_fields_match(name)
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])

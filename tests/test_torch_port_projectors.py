@@ -9,20 +9,17 @@ import subprocess
 import sys
 import textwrap
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from tests.tiny import random_batch, tiny_config
+from tests.torch_port_parity import (TOL, assert_config_fields_match, assert_matches, case_id,
+                                     encoded_batch, load, random_params, run_case, to_torch)
 from vsrllm_jax import torch_layout
-from vsrllm_jax.models import build as build_lib
 from vsrllm_jax.models import layers as jax_layers
-from vsrllm_jax.models import projectors as jax_projectors
 from vsrllm_jax.models.projectors import blocks as jax_blocks
-from vsrllm_jax.models.vsr_model import VSRModel
 from vsrllm_jax.torch_port import blocks, layers
 from vsrllm_jax.torch_port import projectors as torch_projectors
 
@@ -37,100 +34,28 @@ CASES = [(name, {}) for name in NAMES] + [
     ("self_aggregating_mlp", dict(num_output_tokens=3, num_heads=2, time_embedding_dim=0)),
     ("text_pevl_adapter", dict(hidden_dim=12, num_adapters=3, bottleneck_dim=5)),
 ]
-TOL = 1e-4
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def random_params(boxed, seed: int, scale: float = 0.2):
-  """Random values for an abstract (boxed) param tree: norms' scales 1 + scale * N(0, 1),
-  the rest scale * N(0, 1), so that zero-initialised parts (adapter up-projections,
-  FiLM, gates) are not the identity. Numpy, no jax random (fast on CPU)."""
-  rng = np.random.default_rng(seed)
-  flat = flax.traverse_util.flatten_dict(flax.linen.meta.unbox(boxed))
-  out = {k: ((k[-1] == "scale") + scale * rng.standard_normal(v.shape)).astype(v.dtype)
-         for k, v in flat.items()}
-  return flax.traverse_util.unflatten_dict(out)
-
-
-def load(module: torch.nn.Module, state: dict) -> torch.nn.Module:
-  module.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
-  return module.eval()
-
-
-def to_torch(x):
-  return torch.from_numpy(np.array(x)) if x is not None else None
 
 
 @pytest.fixture(scope="module")
 def encoded():
-  """A padded batch with the features our (tiny, initialised) encoder computes for it.
-
-  Masks: clip 0 has no real frame, instruction 1 no real token. The encoder
-  is the same for every projector's tiny config, so all of them share this.
-  """
-  config = tiny_config("linear")
-  model = build_lib.build_model(config)
-  batch = {k: jnp.asarray(v) for k, v in random_batch(config, 4, seed=1).items()}
-  variables = model.init(jax.random.key(0), batch, method=VSRModel.encode)
-  feats, feats_mask = model.apply(variables, batch, method=VSRModel.encode)
-  feats_mask = np.array(feats_mask)
-  feats_mask[0] = False
-  text_mask = np.array(batch["instruction_mask"])
-  text_mask[1] = False
-  return dict(features=feats, features_mask=jnp.asarray(feats_mask),
-              instruction_ids=batch["instruction_ids"], instruction_mask=jnp.asarray(text_mask))
+  return encoded_batch()
 
 
-@pytest.fixture(scope="module", params=CASES,
-                ids=[name + "".join(f"-{k}={v}" for k, v in f.items()) for name, f in CASES])
+@pytest.fixture(scope="module", params=CASES, ids=[case_id(*c) for c in CASES])
 def projector_case(request, encoded):
-  """(name, ours: tokens/mask, torch: tokens/mask): VSRModel.project on the encoded batch
-  (the features pass through encode), and the torch projector on the same inputs."""
   name, fields = request.param
-  config = tiny_config(name, **fields)
-  model = build_lib.build_model(config)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), encoded, train=False,
-                                            method=VSRModel.project))
-  params = random_params(boxed["params"], seed=2)      # projector and LLM embedding table
-  variables = {"params": params}
-  out, _, _ = model.apply(variables, encoded, train=False, method=VSRModel.project)
-  text = model.apply(variables, encoded["instruction_ids"], method=VSRModel.embed_ids)
-  rules = torch_layout.plan(model, boxed["params"], variables=variables, args=(encoded,),
-                            method=VSRModel.project, kwargs=dict(train=False),
-                            prefix=("projector",))
-  feats = encoded["features"]
-  module = load(torch_projectors.build(name, config.projector, config.llm.hidden_dim,
-                                       feats.shape[-1]), torch_layout.to_state_dict(params, rules))
-  kwargs = {}
-  if module.text_aware:
-    kwargs = dict(text=to_torch(text), text_mask=to_torch(encoded["instruction_mask"]))
-  with torch.no_grad():
-    got = module(to_torch(feats), to_torch(encoded["features_mask"]), **kwargs)
-  return (f"{name} {fields or ''}", (np.asarray(out.tokens), np.asarray(out.mask)),
-          (got.tokens.numpy(), got.mask.numpy()))
+  return (case_id(name, fields),) + run_case(name, fields, encoded)[:2]
 
 
 def test_projector_matches_ours(projector_case, torch_single_thread):
-  name, (want, want_mask), (got, got_mask) = projector_case
-  assert got.shape == want.shape and got.dtype == np.float32, (got.shape, want.shape)
-  np.testing.assert_array_equal(got_mask, want_mask)
-  assert got_mask.dtype == np.bool_ and got_mask.any()
-  real = want[want_mask]
-  assert np.abs(real).max() > 0.1, "a vacuous comparison: the outputs are (near) zero"
-  err = float(np.abs(got[got_mask] - real).max())
-  print(f"\n{name}: max abs error {err:.3g} on {int(want_mask.sum())} real tokens")
-  assert err <= TOL, (name, err)
+  label, want, got = projector_case
+  assert_matches(label, want, got)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_config_fields_match_ours(name):
-  ours = {k: v for k, v in jax_projectors.config_fields(name).items()
-          if k not in torch_projectors.SHARED_FIELDS}
-  assert torch_projectors.config_fields(name) == ours
-  assert (torch_projectors.get_class(name).text_aware
-          == jax_projectors.get_class(name).text_aware)
-  assert (torch_projectors.get_class(name).sequence_preserving
-          == jax_projectors.get_class(name).sequence_preserving)
+  assert_config_fields_match(name)
 
 
 def test_bad_configs_are_named():

@@ -1,21 +1,16 @@
 """The PyTorch port of the Q-Former family (torch_port/projectors/query.py) against ours.
 
-Same method as tests/test_torch_port_projectors.py, whose helpers and padded
-batch (clip 0 has no real frame) this reuses: random params exported by
-torch_layout, loaded strictly, the same tokens on the same inputs.
+The method of tests/torch_port_parity.py (shared with the other port tests): random
+params exported by torch_layout, loaded strictly, the same tokens on the same
+padded inputs (clip 0 has no real frame).
 """
-# pylint: disable=redefined-outer-name,unused-import  (pytest fixtures)
-import jax
+# pylint: disable=redefined-outer-name  (pytest fixtures)
 import numpy as np
 import pytest
 import torch
 
-from tests.test_torch_port_projectors import TOL, encoded, load, random_params, to_torch  # noqa: F401 (a fixture)
-from tests.tiny import tiny_config
-from vsrllm_jax import torch_layout
-from vsrllm_jax.models import build as build_lib
-from vsrllm_jax.models import projectors as jax_projectors
-from vsrllm_jax.models.vsr_model import VSRModel
+from tests.torch_port_parity import (assert_config_fields_match, assert_matches, case_id,
+                                     encoded_batch, run_case, to_torch)
 from vsrllm_jax.torch_port import projectors as torch_projectors
 
 NAMES = ["qformer", "enhanced_qformer", "blip2_qformer"]
@@ -30,42 +25,22 @@ CASES = [(name, TINY) for name in NAMES] + [
 ]
 
 
-def _case_id(name, fields):
-  return name + "".join(f"-{k}={v}" for k, v in fields.items() if TINY.get(k) != v)
+@pytest.fixture(scope="module")
+def encoded():
+  return encoded_batch()
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[_case_id(*c) for c in CASES])
+@pytest.fixture(scope="module", params=CASES, ids=[case_id(*c, TINY) for c in CASES])
 def projector_case(request, encoded):
   """(label, ours: tokens/mask, torch: tokens/mask, the torch module)."""
   name, fields = request.param
-  config = tiny_config(name, **fields)
-  model = build_lib.build_model(config)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), encoded, train=False,
-                                            method=VSRModel.project))
-  params = random_params(boxed["params"], seed=2)
-  variables = {"params": params}
-  out, _, _ = model.apply(variables, encoded, train=False, method=VSRModel.project)
-  rules = torch_layout.plan(model, boxed["params"], variables=variables, args=(encoded,),
-                            method=VSRModel.project, kwargs=dict(train=False),
-                            prefix=("projector",))
-  feats = encoded["features"]
-  module = load(torch_projectors.build(name, config.projector, config.llm.hidden_dim,
-                                       feats.shape[-1]), torch_layout.to_state_dict(params, rules))
-  with torch.no_grad():
-    got = module(to_torch(feats), to_torch(encoded["features_mask"]))
-  return (_case_id(name, fields), (np.asarray(out.tokens), np.asarray(out.mask)),
-          (got.tokens.numpy(), got.mask.numpy()), module)
+  return (case_id(name, fields, TINY),) + run_case(name, fields, encoded)
 
 
 def test_projector_matches_ours(projector_case, torch_single_thread):
-  name, (want, want_mask), (got, got_mask), _ = projector_case
-  assert got.shape == want.shape and got.dtype == np.float32, (got.shape, want.shape)
-  np.testing.assert_array_equal(got_mask, want_mask)
-  assert got_mask.dtype == np.bool_ and got_mask.all()
-  assert np.abs(want).max() > 0.1, "a vacuous comparison: the outputs are (near) zero"
-  err = float(np.abs(got - want).max())
-  print(f"\n{name}: max abs error {err:.3g} on {int(want_mask.sum())} real tokens")
-  assert err <= TOL, (name, err)
+  label, want, got, _ = projector_case
+  assert want[1].all()                       # queries: every token is real
+  assert_matches(label, want, got)
 
 
 def test_all_padding_clip_is_finite(projector_case, encoded):
@@ -83,12 +58,7 @@ def test_all_padding_clip_is_finite(projector_case, encoded):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_config_fields_match_ours(name):
-  ours = {k: v for k, v in jax_projectors.config_fields(name).items()
-          if k not in torch_projectors.SHARED_FIELDS}
-  assert torch_projectors.config_fields(name) == ours
-  for attr in ("text_aware", "sequence_preserving"):
-    assert (getattr(torch_projectors.get_class(name), attr)
-            == getattr(jax_projectors.get_class(name), attr)), (name, attr)
+  assert_config_fields_match(name)
 
 
 @pytest.mark.parametrize("name,fields,match", [
