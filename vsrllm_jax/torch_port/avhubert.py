@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vsrllm_jax.torch_port import shapes
 from vsrllm_jax.torch_port.video_encoder import PIXEL_MEAN, PIXEL_STD, check_video
 
 # Where fine-tuned models keep the encoder (VSP-LLM / AV-HuBERT seq2seq, CTC).
@@ -56,18 +57,12 @@ class AvHubertShape:
   def of(cls, config: Any) -> "AvHubertShape":
     """From an ``AvHubertConfig`` (any object with these attributes) or a mapping of them
     (extra keys such as ``remat_policy`` are ignored; missing ones are an error)."""
-    get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
-    names = [f.name for f in dataclasses.fields(cls)]
-    missing = [n for n in names if get(n, None) is None]
-    if missing:
-      raise ValueError(f"torch_port.avhubert: the AV-HuBERT config lacks {missing}; expected "
-                       f"the fields of models.avhubert.AvHubertConfig: {names}")
-    if get("modality_fuse") not in ("concat", "add"):
-      raise ValueError(f"torch_port.avhubert: modality_fuse={get('modality_fuse')!r} is not "
+    shape = shapes.read_fields(cls, config, "torch_port.avhubert",
+                               "models.avhubert.AvHubertConfig")
+    if shape.modality_fuse not in ("concat", "add"):
+      raise ValueError(f"torch_port.avhubert: modality_fuse={shape.modality_fuse!r} is not "
                        "one of ('concat', 'add')")
-    seq = lambda v: tuple(int(x) for x in v)
-    return cls(**{n: seq(get(n)) if n in ("stem_kernel", "resnet_channels", "resnet_blocks")
-                  else get(n) for n in names})
+    return shape
 
 
 # ----------------------------------------------------------------- ResEncoder (resnet.py)

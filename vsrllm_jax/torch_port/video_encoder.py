@@ -13,13 +13,13 @@ run channels-first, as torch's do; the weights arrive as OIHW / OIDHW.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vsrllm_jax.torch_port import layers
+from vsrllm_jax.torch_port import layers, shapes
 
 # AV-HuBERT's grayscale normalisation (after /255): models/video_encoder.py's values.
 PIXEL_MEAN = 0.421
@@ -55,17 +55,8 @@ class VideoEncoderShape:
   def of(cls, config: Any) -> "VideoEncoderShape":
     """From a ``VideoEncoderConfig`` (any object with these attributes) or a mapping (e.g.
     the encoder's config.json); ``stem_kernel`` may be absent, other fields may not."""
-    get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
-    names = [f.name for f in dataclasses.fields(cls)]
-    missing = [n for n in names if n != "stem_kernel" and get(n, None) is None]
-    if missing:
-      raise ValueError(f"torch_port.video_encoder: the encoder config lacks {missing}; "
-                       f"expected the fields of models.video_encoder.VideoEncoderConfig: {names}")
-    values = {n: get(n) for n in names if get(n, None) is not None}
-    for n in ("stem_kernel", "resnet_channels", "resnet_blocks"):
-      if n in values:
-        values[n] = tuple(int(v) for v in values[n])
-    return cls(**values)
+    return shapes.read_fields(cls, config, "torch_port.video_encoder",
+                              "models.video_encoder.VideoEncoderConfig", optional=("stem_kernel",))
 
 
 class PReLU(nn.Module):
