@@ -7,6 +7,8 @@ import flax
 import jax
 import numpy as np
 import pytest
+import torch
+import transformers
 from safetensors.numpy import load_file
 
 from tests import tiny_run_config
@@ -136,3 +138,58 @@ def test_pytorch_side_transcribes_the_test_split_as_jax_does(run, exported):
     assert result["identical"] == 1.0, open(
         os.path.join(out, f"compare_test_{strategy}.jsonl")).read()
     assert result["jax"]["wer"] == result["torch"]["wer"]
+
+
+# --- the exported LLM directory in transformers ------------------------------------
+
+LOGIT_LENGTHS = (23, 17, 9)   # rows: unpadded, right padded, left padded
+LOGIT_SEQ = 23
+
+
+def _padded_batch(vocab_size: int):
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, vocab_size, (len(LOGIT_LENGTHS), LOGIT_SEQ)).astype(np.int32)
+  mask = np.zeros((len(LOGIT_LENGTHS), LOGIT_SEQ), np.int32)
+  mask[0, :LOGIT_LENGTHS[0]] = 1
+  mask[1, :LOGIT_LENGTHS[1]] = 1
+  mask[2, LOGIT_SEQ - LOGIT_LENGTHS[2]:] = 1
+  return ids, mask
+
+
+@pytest.mark.usefixtures("torch_single_thread")
+def test_exported_llm_logits_match_ours(run, exported):
+  """transformers' AutoModelForCausalLM read from OUT/llm (a copy: the tiny run's LLM is
+  random, not a reference) gives our fp32 logits on a padded batch."""
+  out, meta = exported
+  assert meta["llm"] == {"dir": "llm", "trained": meta["llm"]["trained"]}   # a copy, no reference
+  _, _, model, params, _, _, _ = convert._restore(run, None)  # pylint: disable=protected-access
+  assert {x.dtype for x in jax.tree.leaves(params["llm"])} == {np.dtype(np.float32)}
+  ids, mask = _padded_batch(model.llm_config.vocab_size)
+
+  ours = np.asarray(jax.jit(lambda p, i, m: model.apply(
+      {"params": p}, i, attention_mask=m, method=lambda s, i, attention_mask: s.llm(
+          i, attention_mask=attention_mask)))(params, ids, mask))
+
+  hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.join(out, "llm"), dtype=torch.float32, attn_implementation="eager",
+      output_loading_info=True)
+  assert not any(info.values()), info
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)   # real tokens counted, as ours
+  t = lambda a: torch.as_tensor(a, dtype=torch.long)
+  with torch.no_grad():
+    theirs = hf.eval()(input_ids=t(ids), attention_mask=t(mask), position_ids=t(positions)).logits
+  theirs = theirs.numpy()
+
+  real = mask.astype(bool)
+  assert ours.shape == theirs.shape == (len(LOGIT_LENGTHS), LOGIT_SEQ, model.llm_config.vocab_size)
+  assert ours.dtype == theirs.dtype == np.float32
+  err = float(np.abs(ours[real] - theirs[real]).max())
+  scale = float(np.abs(theirs[real]).max())
+  print(f"exported LLM (trained={meta['llm']['trained']}): transformers vs ours fp32 logits, "
+        f"max abs error {err:.2e} (max |logit| {scale:.2f})")
+  assert scale > 0.1                 # logits large enough for the tolerance to mean something
+  assert err <= 1e-4
+  # Padding moves nothing: the left-padded row's logits are those of its tokens unpadded.
+  alone = np.asarray(model.apply({"params": params}, ids[2:, LOGIT_SEQ - LOGIT_LENGTHS[2]:],
+                                 method=lambda s, i: s.llm(i)))
+  np.testing.assert_allclose(ours[2, LOGIT_SEQ - LOGIT_LENGTHS[2]:], alone[0], atol=1e-5, rtol=0)

@@ -1,32 +1,23 @@
 """Image captioning end to end: images + captions.jsonl, a CLIP tower from a Hugging
 Face directory, cached tower features, the embedded LLM."""
-import json
 import os
 
 import numpy as np
 import pytest
 import transformers
-from PIL import Image
 
 from configs import common
+from tests.image_fixtures import write_caption_folder
 from configs import image_caption
 from vsrllm_jax import experiment, train_step
 from vsrllm_jax.data import pipeline
 
-WORDS = ("bin blue at f two now", "lay green by a one soon", "place red in c nine again")
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
   root = tmp_path_factory.mktemp("captions")
-  rng = np.random.default_rng(0)
-  lines = []
-  for split, num in (("train", 16), ("validation", 8), ("test", 8)):
-    for i in range(num):
-      name = f"{split}_{i}.png"
-      Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / name)
-      lines.append(json.dumps(dict(image=name, caption=WORDS[i % 3], split=split)))
-  (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+  write_caption_folder(root, size=(40, 48))
   tower = str(root / "clip")
   transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
       hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,

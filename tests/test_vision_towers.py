@@ -20,6 +20,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
+from tests.image_fixtures import perturbed
 from vsrllm_jax import sharding
 from vsrllm_jax.models import vision_checkpoint, vision_tower
 
@@ -31,14 +32,6 @@ PREPROCESSOR = {"image_processor_type": "CLIPImageProcessor", "do_normalize": Tr
                 "image_mean": [0.4, 0.5, 0.6], "image_std": [0.2, 0.3, 0.25],
                 "rescale_factor": 1 / 255, "do_center_crop": False}
 RULES = sharding.PRESETS["fsdp_tp"]
-
-
-def _perturbed(model):
-  """Random weights far from the init (LayerNorms not identity, biases nonzero)."""
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(torch.randn_like(p) * 0.2)
-  return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +54,7 @@ def checkpoints(tmp_path_factory, torch_single_thread, images):
   }
   out = {}
   for name, model in models.items():
-    model = _perturbed(model)
+    model = perturbed(model)
     path = tmp_path_factory.mktemp(name)
     model.save_pretrained(path, max_shard_size="20KB" if name == "clip" else "5GB")
     mean, std = vision_tower.PIXEL_STATS[name.split("_")[0]]

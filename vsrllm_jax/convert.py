@@ -13,6 +13,11 @@ Reads the run's config.json and its best checkpoint by validation WER (or
                               ``encoder.path=*.pt`` imports)
   OUT/encoder.safetensors     the compact video encoder: torch layout (params and
                               batch-norm statistics, ``torch_layout``)
+  OUT/encoder/                a CLIP / SigLIP vision tower: a Hugging Face
+                              CLIPVisionModel / SiglipVisionModel directory
+                              (``vision_checkpoint.save_vision_tower``; what
+                              ``encoder.path=DIR`` imports), its feature choice in
+                              vsrllm_config.json
   OUT/projector.safetensors   the projector in torch layout (Linear kernels
                               transposed, conv kernels OI[D]HW, scan stacks per layer)
   OUT/vsrllm_config.json      the run's config, the tokenizer's special ids, the
@@ -40,6 +45,7 @@ from vsrllm_jax.data import tasks as tasks_lib
 from vsrllm_jax.data import tokenizer as tokenizer_lib
 from vsrllm_jax.models import avhubert, build as build_lib, encoder_io, encoders, hf_checkpoint
 from vsrllm_jax.models import fairseq_checkpoint, projectors, video_encoder, vision_tower
+from vsrllm_jax.models import vision_checkpoint
 from vsrllm_jax.models.vsr_model import VSRModel
 
 FORMAT_VERSION = 1
@@ -112,9 +118,14 @@ def _write_encoder(out: str, model: VSRModel, config, params, model_state) -> di
     fairseq_checkpoint.save_avhubert(os.path.join(out, "encoder.pt"), cfg, variables)
     return {"file": "encoder.pt", "format": "fairseq_avhubert", "config": _asdict(cfg)}
   if isinstance(cfg, vision_tower.VisionTowerConfig):
-    raise NotImplementedError("exporting a vision tower (Hugging Face layout) is not "
-                              "implemented yet; the tower is frozen: use its original directory "
-                              f"{config.encoder.path!r}")
+    source = config.encoder.path
+    if not os.path.isdir(source):
+      raise FileNotFoundError(f"the run's config encoder.path={source!r} is not a directory: "
+                              "exporting a vision tower needs the Hugging Face directory it was "
+                              "loaded from (for the layers and heads the run never loaded)")
+    vision_checkpoint.save_vision_tower(os.path.join(out, "encoder"), cfg,
+                                        params["encoder"]["tower"], source)
+    return {"dir": "encoder", "format": "hf_vision_tower", "config": _asdict(cfg)}
   assert isinstance(cfg, video_encoder.VideoEncoderConfig)
   tensors = torch_layout.to_state_dict(params, encoder_rules(model, config))
   if model_state.get("batch_stats"):   # running_mean / running_var beside the params

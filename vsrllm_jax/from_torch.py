@@ -25,7 +25,7 @@ from safetensors.numpy import load_file
 from vsrllm_jax import checkpoint, convert, optim, sharding, torch_layout, train_state
 from vsrllm_jax import workdir as workdir_lib
 from vsrllm_jax.models import build as build_lib
-from vsrllm_jax.models import encoder_io, fairseq_checkpoint, hf_checkpoint
+from vsrllm_jax.models import encoder_io, encoders, fairseq_checkpoint, hf_checkpoint
 from vsrllm_jax.models.vsr_model import VSRModel
 
 
@@ -73,9 +73,10 @@ def read_encoder(state: dict, model: VSRModel, config) -> dict:
 
 
 def _model(config, meta: dict) -> VSRModel:
-  """The exported model; the compact encoder's shape comes from the export itself."""
+  """The exported model; the compact encoder's shape comes from the export itself (a
+  vision tower's from its directory, which ``encoder.path`` names by then)."""
   encoder = meta["encoder"]
-  if encoder["format"] == "fairseq_avhubert":
+  if encoder["format"] in ("fairseq_avhubert", "hf_vision_tower"):
     return build_lib.build_model(config)
   shell = ml_collections.ConfigDict(config.to_dict())
   shell.encoder.path = ""
@@ -92,12 +93,16 @@ def import_export(export: str, workdir: str) -> int:
   config = ml_collections.ConfigDict(workdir_lib.to_tuples(meta["config"]))
   llm_dir = meta["llm"].get("reference") or os.path.join(export, meta["llm"]["dir"])
   config.llm.path = config.llm.tokenizer_path = os.path.abspath(llm_dir)
+  encoder = meta["encoder"]
+  if encoder["format"] == "hf_vision_tower":   # a Hugging Face directory: read as such
+    config.encoder.path = os.path.abspath(os.path.join(export, encoder["dir"]))
   model = _model(config, meta)
 
-  encoder = meta["encoder"]
   if encoder["format"] == "fairseq_avhubert":
     config.encoder.path = os.path.abspath(os.path.join(export, encoder["file"]))
     _, enc_vars = fairseq_checkpoint.load_avhubert(config.encoder.path)
+  elif encoder["format"] == "hf_vision_tower":
+    enc_vars = {"batch_stats": {}, **encoders.load_pretrained(config.encoder)}
   else:   # the compact encoder: written in its own checkpoint format into the new run
     enc_vars = read_encoder(load_file(os.path.join(export, encoder["file"])), model, config)
     config.encoder.path = os.path.join(os.path.abspath(workdir), "encoder")

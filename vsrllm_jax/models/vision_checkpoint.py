@@ -13,11 +13,18 @@ or similar inside a VLM). Keys outside that prefix (text tower, projections,
 logit scale) are ignored; inside it, the only tolerated extras are the
 position-id buffer, SigLIP's pooling head, an unused post-layernorm and the
 layers past ``feature_layer``. Anything else missing or unexpected raises.
+
+``save_vision_tower`` is the inverse (the export, ``vsrllm_jax.convert``): our
+params back in the HF layout, completed from the source directory with what
+the tower never loaded, as a ``CLIPVisionModel`` / ``SiglipVisionModel``
+directory that transformers loads with no missing or unexpected keys and that
+this loader reads back bit-identically.
 """
 from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 from typing import Any
 
 import flax
@@ -25,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save_file
 
 from vsrllm_jax import sharding as sharding_lib
 from vsrllm_jax.models import hf_checkpoint
@@ -33,6 +41,13 @@ from vsrllm_jax.models.vision_tower import VisionTower, VisionTowerConfig
 
 PATCH_KEY = "embeddings.patch_embedding.weight"
 _PREPROCESSOR = "preprocessor_config.json"
+# What an export's keys start with: transformers' own prefix for these classes
+# before version 5, which version 5 also reads.
+EXPORT_PREFIX = "vision_model."
+_ARCHITECTURES = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
+# The config.json fields that VisionTowerConfig takes from the HF config.
+_SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "image_size", "patch_size", "num_channels", "hidden_act", "layer_norm_eps")
 
 
 def _layer_rows() -> list[tuple[str, tuple[str, ...], str]]:
@@ -228,3 +243,86 @@ def from_pretrained_vision(path, dtype: str = "float32", param_dtype: str | None
     place = hf_checkpoint.place_param
     leaves = [place(p, tensors, pdt, shardings[p.path]) for p in plan]
   return config, hf_checkpoint.param_tree(plan, leaves)
+
+
+def to_hf_tensors(config: VisionTowerConfig, params) -> dict[str, np.ndarray]:
+  """Our tower params -> HF vision tensors (names without prefix); inverts ``_plan``'s reads."""
+  flat = flax.traverse_util.flatten_dict(jax.device_get(nn.meta.unbox(params)))
+  want = flax.traverse_util.flatten_dict(param_shapes(config))
+  wrong = sorted("/".join(k) for k in set(flat) ^ set(want))
+  wrong += sorted(f"{'/'.join(k)}: {np.shape(flat[k])} != expected {want[k].shape}"
+                  for k in set(flat) & set(want) if tuple(np.shape(flat[k])) != want[k].shape)
+  if wrong:
+    raise ValueError(f"vision tower params do not match their config (kind={config.kind!r}, "
+                     f"{config.layers_used} layers used): {wrong[:10]}")
+  out = {}
+  for path, name, _ in _TOP_ROWS:
+    if path in flat:
+      w = np.asarray(flat[path])
+      out[name] = w.transpose(3, 2, 0, 1) if name == PATCH_KEY else w  # [p,p,C,D] -> [D,C,p,p]
+  to_hf = hf_checkpoint._to_hf  # pylint: disable=protected-access
+  for suffix, path, how in _layer_rows():
+    path = ("layers",) + path
+    if path in flat:
+      for i in range(config.layers_used):
+        out[f"encoder.layers.{i}.{suffix}"] = to_hf(np.asarray(flat[path][i]), how)
+  return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def _vision_config(hf: dict[str, Any], config: VisionTowerConfig, dtype, has_head: bool):
+  """The source's vision config as a bare vision model's config.json, our shape fields set."""
+  vision = dict(hf.get("vision_config") or {}) if hf.get("model_type") in ("clip", "siglip") \
+      else dict(hf)
+  vision.update({f: getattr(config, f) for f in _SHAPE_FIELDS})
+  vision.update(model_type=f"{config.kind}_vision_model",
+                architectures=[_ARCHITECTURES[config.kind]],
+                dtype=np.dtype(dtype).name, torch_dtype=np.dtype(dtype).name)
+  if config.kind == "siglip":
+    vision["vision_use_head"] = has_head
+  vision.pop("_name_or_path", None)
+  return vision
+
+
+def save_vision_tower(path, config: VisionTowerConfig, params, source_dir) -> None:
+  """Writes the tower as a HF vision-model directory (config.json, model.safetensors).
+
+  ``source_dir``: the directory the tower was loaded from (``encoder.path``).
+  It supplies what our params lack: layers past ``feature_layer``, an unused
+  post-layernorm, SigLIP's pooling head (cast to our dtype), the rest of the
+  vision config and ``preprocessor_config.json`` (copied when present). Our
+  params must fit its tensors' shapes.
+  """
+  path, source = pathlib.Path(path), pathlib.Path(source_dir)
+  cfg_file = source / "config.json"
+  if not cfg_file.is_file():
+    raise FileNotFoundError(f"{cfg_file} not found: exporting a vision tower needs the Hugging "
+                            "Face directory it was loaded from")
+  ours = to_hf_tensors(config, params)
+  dtype = ours[PATCH_KEY].dtype
+  files = hf_checkpoint.open_safetensors(source)
+  src = _VisionTensors(files, find_prefix(files.names(), str(source)))
+  wrong = [f"{k}: {v.shape} != {src.shape(k) if k in src else 'absent'}"
+           for k, v in ours.items() if k not in src or src.shape(k) != v.shape]
+  if wrong:
+    raise ValueError(f"{source}: the tower's params do not fit this directory's tensors (is it "
+                     f"the directory the run loaded?): {wrong[:10]}")
+  extras = {}
+  for name in src.names():
+    if name not in ours and name != "embeddings.position_ids":   # a buffer, not a weight
+      full = src.prefix + name
+      extras[name] = files.rows(full, 0, files.shape(full)[0]).astype(dtype)
+  tensors = {**ours, **extras}
+  missing = [f"encoder.layers.{i}" for i in range(config.num_hidden_layers)
+             if f"encoder.layers.{i}.mlp.fc2.weight" not in tensors]
+  missing += [k for k in ("post_layernorm.weight", "post_layernorm.bias") if k not in tensors]
+  if missing:
+    raise ValueError(f"{source}: cannot write a complete {_ARCHITECTURES[config.kind]}: "
+                     f"neither the params nor this directory hold {missing}")
+  hf = _vision_config(_read_json(cfg_file), config, dtype,
+                      any(k.startswith("head.") for k in tensors))
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+  save_file({EXPORT_PREFIX + k: np.ascontiguousarray(tensors[k]) for k in sorted(tensors)},
+            str(path / "model.safetensors"), metadata={"format": "pt"})
+  if (source / _PREPROCESSOR).is_file():
+    shutil.copyfile(source / _PREPROCESSOR, path / _PREPROCESSOR)

@@ -24,8 +24,64 @@ from vsrllm_jax.torch_port import avhubert, projectors, video_encoder
 CONFIG_FILE = "vsrllm_config.json"
 
 
+class HfVisionTower(nn.Module):
+  """A transformers CLIP / SigLIP vision model run as our ``ImageEncoder``.
+
+  One-frame RGB clips uint8 [B, 1, S, S, 3] (or float in [0, 1]) -> (features
+  [B, N, D], mask [B, N]): pixels normalised with the export's mean/std,
+  ``hidden_states[feature_layer]``, then the post-layernorm and the class-token
+  drop if the export's config asks for them (``models/vision_tower.py``).
+  """
+
+  def __init__(self, tower: nn.Module, config: dict[str, Any]):
+    super().__init__()
+    missing = [k for k in ("image_size", "feature_layer", "drop_cls", "post_layernorm",
+                           "image_mean", "image_std") if config.get(k) is None]
+    if missing:
+      raise ValueError(f"HfVisionTower: the encoder config lacks {missing}; expected the fields "
+                       "of vsrllm_jax.models.vision_tower.VisionTowerConfig")
+    self.tower = tower
+    self.image_size, self.feature_layer = int(config["image_size"]), int(config["feature_layer"])
+    self.drop_cls, self.post_layernorm = bool(config["drop_cls"]), bool(config["post_layernorm"])
+    self.register_buffer("mean", torch.tensor(config["image_mean"], dtype=torch.float32),
+                         persistent=False)
+    self.register_buffer("std", torch.tensor(config["image_std"], dtype=torch.float32),
+                         persistent=False)
+
+  def forward(self, video: torch.Tensor, video_mask: torch.Tensor):
+    s = self.image_size
+    if video.ndim != 5 or tuple(video.shape[1:]) != (1, s, s, 3):
+      raise ValueError(f"HfVisionTower: video has shape {tuple(video.shape)}, expected "
+                       f"[B, 1, {s}, {s}, 3] (one-frame RGB clips at the tower's image_size)")
+    x = video[:, 0]
+    x = x.float() / 255.0 if not torch.is_floating_point(x) else x.float()
+    x = ((x - self.mean) / self.std).permute(0, 3, 1, 2)
+    x = x.to(next(self.tower.parameters()).dtype)
+    out = self.tower(pixel_values=x, output_hidden_states=True)
+    h = out.hidden_states[self.feature_layer]
+    if self.post_layernorm:   # on the model (CLIPVisionModel, transformers 5) or vision_model
+      h = getattr(self.tower, "vision_model", self.tower).post_layernorm(h)
+    if self.drop_cls:
+      h = h[:, 1:]
+    mask = video_mask[:, 0].bool()[:, None].expand(h.shape[:2])
+    return h, mask
+
+
+def _load_vision_tower(directory: str, config: dict[str, Any]) -> HfVisionTower:
+  """The exported tower through transformers' AutoModel, every weight accounted for."""
+  tower, info = transformers.AutoModel.from_pretrained(directory, dtype=torch.float32,
+                                                       output_loading_info=True)
+  bad = {k: sorted(v) for k, v in info.items() if v}
+  if bad:
+    raise ValueError(f"{directory}: transformers loaded the vision tower with {bad}")
+  return HfVisionTower(tower.eval(), config)
+
+
 class VsrLlm(nn.Module):
-  """``generate(video, video_mask, task='')`` -> token ids [B, max_new_tokens] (pad after EOS)."""
+  """``generate(video, video_mask, task='')`` -> token ids [B, max_new_tokens] (pad after EOS).
+
+  ``video``: what our encoder reads (clips, or one-frame RGB clips for an image tower).
+  """
 
   def __init__(self, encoder: nn.Module, projector: nn.Module, llm: nn.Module, *,
                instructions: dict[str, Sequence[int]], eos_ids: Sequence[int], pad_id: int,
@@ -51,11 +107,13 @@ class VsrLlm(nn.Module):
       meta = json.load(f)
     llm_dir = llm_dir or meta["llm"].get("reference") or os.path.join(export_dir,
                                                                       meta["llm"]["dir"])
-    llm = transformers.AutoModelForCausalLM.from_pretrained(llm_dir, torch_dtype=torch.float32)
+    llm = transformers.AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(llm_dir)
     enc = meta["encoder"]
-    weights = os.path.join(export_dir, enc["file"])
-    if enc["format"] == "fairseq_avhubert":
+    weights = os.path.join(export_dir, enc.get("file") or enc["dir"])
+    if enc["format"] == "hf_vision_tower":
+      encoder = _load_vision_tower(weights, enc["config"])
+    elif enc["format"] == "fairseq_avhubert":
       encoder = avhubert.AvHubertEncoder.from_config(enc["config"])
       state = torch.load(weights, map_location="cpu", weights_only=False)["model"]
       encoder.load_state_dict(avhubert.encoder_state_dict(state), strict=True)
@@ -84,6 +142,8 @@ class VsrLlm(nn.Module):
     """``[instruction][visual tokens]`` embeddings [B, P, E] and mask [B, P], left-padded."""
     video_mask = video_mask.bool()
     feats = self.encoder(video, video_mask)
+    if isinstance(feats, tuple):   # an image tower: its own tokens and mask
+      feats, video_mask = feats
     ids = self._instruction(task, video.shape[0], video.device)
     embed = self.llm.get_input_embeddings()
     instr = embed(ids)

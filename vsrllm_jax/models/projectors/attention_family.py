@@ -45,7 +45,7 @@ class PerceiverProjector(QueryProjector):
 
   def mix(self, queries, feats, mask, text, text_mask):
     if self.num_iterations < 1:
-      raise ValueError(f"projector 'perceiver': num_iterations must be >= 1, got "
+      raise ValueError(f"projector {self.catalog_name()!r}: num_iterations must be >= 1, got "
                        f"{self.num_iterations}")
     fields = _fields(self, self_layers=self.num_layers, self_first=False)
     if not self.share_weights:
