@@ -218,6 +218,65 @@ def test_cache_helpers_follow_cache_axes(setup):
     generation.repeat_cache(dict(cache, extra=np.zeros(2)), 2)
 
 
+def test_per_layer_cache_helpers(setup):
+  """repeat/take on a per-layer cache (tuples of buffers, no 'layers' axis) act on each
+  layer's buffer as on the stacked cache's slice."""
+  _, model, _, _, _ = setup
+  stacked = _numbered_cache(model.config, 6)
+  per_layer = dict(stacked, k=tuple(stacked["k"]), v=tuple(stacked["v"]))
+  beams = jnp.asarray([[2, 0, 0], [1, 2, 0]])
+  for fn in (lambda c: generation.repeat_cache(c, 2),
+             lambda c: generation.take_cache(c, beams)):
+    want, got = fn(stacked), fn(per_layer)
+    for name in ("k", "v"):
+      assert isinstance(got[name], tuple) and len(got[name]) == model.config.num_layers
+      for i, layer in enumerate(got[name]):
+        np.testing.assert_array_equal(layer, want[name][i], err_msg=name)
+
+
+@pytest.mark.parametrize("strategy,options", [
+    ("greedy", {}), ("sample", dict(temperature=1.5, top_p=0.9)),
+    ("beam", dict(beam_size=3, length_penalty=0.7))])
+def test_layer_layouts_decode_alike(setup, strategy, options):
+  """The layer scan and the layers one by one (stacked params sliced per call, or
+  params unstacked beforehand) give the same tokens, with EOS and padding."""
+  _, model, params, ids, mask = setup
+  key = jax.random.key(5)
+  runs = {}
+  for label, unstack, p in (("scan", False, params), ("sliced", True, params),
+                            ("unstacked", None, llm.unstack_layers(params))):
+    fn = jax.jit(functools.partial(generation.generate_from_ids, model, max_new_tokens=T,
+                                   eos_id=5, pad_id=0, strategy=strategy,
+                                   unstack_layers=unstack, **options))
+    runs[label] = np.asarray(fn(p, ids, mask, rng=key))
+  np.testing.assert_array_equal(runs["sliced"], runs["scan"])
+  np.testing.assert_array_equal(runs["unstacked"], runs["scan"])
+
+
+def test_cache_and_layer_params_must_agree(setup):
+  _, model, params, ids, _ = setup
+  apply = lambda cache, layer_params: model.apply({"params": params}, ids, cache=cache,
+                                                  layer_params=layer_params)
+  with pytest.raises(ValueError, match="per-layer cache .* needs layer_params"):
+    apply(llm.init_cache(model.config, 3, 16, per_layer=True), None)
+  with pytest.raises(ValueError, match="cache must be per layer"):
+    apply(llm.init_cache(model.config, 3, 16), llm.layer_list(params))
+  with pytest.raises(ValueError, match="layer_params has 1 layers; the config has 2"):
+    apply(None, llm.layer_list(params)[:1])
+
+
+def test_argmax_is_jnp_argmax():
+  """Two-stage argmax: first maximal index (ties), vocabularies not a multiple of the
+  chunk, NaN and all -inf rows, leading batch axes."""
+  rng = np.random.default_rng(0)
+  for vocab in (5, 128, 300, 1000):
+    x = rng.integers(-2, 3, (2, 3, vocab)).astype(np.float32)     # many ties
+    x[0, 0, :] = -np.inf
+    x[1, 2, vocab // 2] = np.nan
+    got = np.asarray(generation.argmax(jnp.asarray(x), chunk=64))
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
+
+
 # --- sampling -------------------------------------------------------------------
 
 
@@ -355,6 +414,12 @@ def test_predict_fn_uses_the_decode_config():
 
   greedy = np.asarray(predict("greedy")(params, model_state, batch))
   assert greedy.shape == (2, 4)
+  # Its decoding layout of the params (CPU: the LLM layers unstacked) decodes the same.
+  fn = predict("greedy")
+  prepared = fn.prepare(params)
+  assert isinstance(prepared["llm"]["layers"], tuple)
+  assert fn.prepare(prepared) is prepared
+  np.testing.assert_array_equal(fn(prepared, model_state, batch), greedy)
   np.testing.assert_array_equal(predict("beam", beam_size=1)(params, model_state, batch), greedy)
   sample = predict("sample", temperature=2.0)
   first = np.asarray(sample(params, model_state, batch))

@@ -113,10 +113,15 @@ def test_greedy_generation_matches_transformers(family):
     hf.generation_config.eos_token_id = eos
   expected = out[:, ids.shape[1]:].numpy()
   assert expected.shape == (2, NEW_TOKENS)
-  gen = jax.jit(functools.partial(generation.greedy_generate_from_ids, model,
-                                  max_new_tokens=NEW_TOKENS, eos_id=-1, pad_id=0))
-  got = np.asarray(gen(family["params"], ids, np.ones_like(ids)))
-  np.testing.assert_array_equal(got, expected)
+  # Both layer layouts: the scan over stacked weights and the layers one by one (on
+  # their own weights and KV buffers; CPU's default), from stacked or unstacked params.
+  params = family["params"]
+  for unstack, p in ((False, params), (True, params), (None, llm.unstack_layers(params))):
+    gen = jax.jit(functools.partial(generation.greedy_generate_from_ids, model,
+                                    max_new_tokens=NEW_TOKENS, eos_id=-1, pad_id=0,
+                                    unstack_layers=unstack))
+    got = np.asarray(gen(p, ids, np.ones_like(ids)))
+    np.testing.assert_array_equal(got, expected, err_msg=f"unstack_layers={unstack}")
 
 
 def test_save_pretrained_loads_back_in_transformers(family, tmp_path):
@@ -143,21 +148,25 @@ def test_windowed_cached_decoding_matches_full_forward(family):
   mask[2, 280:] = 0           # padding decoded step by step
   full = np.asarray(family["forward"](params, ids, mask))
 
-  @jax.jit
-  def step(params, ids, mask, cache):
-    return model.apply({"params": params}, ids, attention_mask=mask, cache=cache)
+  @functools.partial(jax.jit, static_argnums=4)
+  def step(params, ids, mask, cache, per_layer):
+    layer_params = llm.layer_list(params) if per_layer else None
+    return model.apply({"params": params}, ids, attention_mask=mask, cache=cache,
+                       layer_params=layer_params)
 
-  prefill = 256
-  logits, cache = step(params, ids[:, :prefill], mask[:, :prefill],
-                       llm.init_cache(model.config, 3, SEQ))
-  pieces = [np.asarray(logits)]
-  for t in range(prefill, SEQ):
-    logits, cache = step(params, ids[:, t:t + 1], mask[:, t:t + 1], cache)
-    pieces.append(np.asarray(logits))
-  cached, real = np.concatenate(pieces, axis=1), mask.astype(bool)
-  np.testing.assert_allclose(cached[real], full[real], atol=1e-4, rtol=0)
-  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-  np.testing.assert_array_equal(np.asarray(cache["key_positions"])[real], positions[real])
+  prefill, real = 256, mask.astype(bool)
+  for per_layer in (False, True):   # the layer scan; the layers one by one
+    cache = llm.init_cache(model.config, 3, SEQ, per_layer=per_layer)
+    logits, cache = step(params, ids[:, :prefill], mask[:, :prefill], cache, per_layer)
+    pieces = [np.asarray(logits)]
+    for t in range(prefill, SEQ):
+      logits, cache = step(params, ids[:, t:t + 1], mask[:, t:t + 1], cache, per_layer)
+      pieces.append(np.asarray(logits))
+    cached = np.concatenate(pieces, axis=1)
+    np.testing.assert_allclose(cached[real], full[real], atol=1e-4, rtol=0,
+                               err_msg=f"per_layer={per_layer}")
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    np.testing.assert_array_equal(np.asarray(cache["key_positions"])[real], positions[real])
 
 
 # --- config.json parsing -----------------------------------------------------------

@@ -106,7 +106,12 @@ def bleu(references: list[str], hypotheses: list[str], *, tokenize: str = BLEU_T
 
 def decode_split(predict: Callable, params, model_state, batches: Iterable[dict], mesh,
                  tokenizer, *, eos_id: int | Sequence[int]) -> list[dict[str, Any]]:
-  """Runs ``predict`` over host batches; returns [{id, reference, hypothesis}] (real rows)."""
+  """Runs ``predict`` over host batches; returns [{id, reference, hypothesis}] (real rows).
+
+  A predictor from ``train_step.make_predict_fn`` first gets its decoding layout of
+  the params (``predict.prepare``), once for all the batches.
+  """
+  params = getattr(predict, "prepare", lambda p: p)(params)
   rows = []
   for batch in batches:
     tokens = predict(params, model_state, sharding.global_batch(model_inputs(batch), mesh))

@@ -17,6 +17,7 @@ import optax
 
 from vsrllm_jax import losses, optim, sharding
 from vsrllm_jax.models import generation
+from vsrllm_jax.models import llm as llm_lib
 from vsrllm_jax.models.llm import LlamaModel
 from vsrllm_jax.models.projectors import text_aware
 from vsrllm_jax.models.vsr_model import VSRModel
@@ -146,6 +147,10 @@ def make_predict_fn(model: VSRModel, config, *, eos_id: int | Sequence[int],
                     pad_id: int, mesh=None) -> Callable:
   """A ``predict(params, model_state, batch) -> tokens [B, max_new_tokens]``, jitted.
 
+  ``predict.prepare(params)`` returns the params in the layout it decodes fastest
+  with (CPU: the LLM layers unstacked); callers decoding many batches with the
+  same params (``evaluation.decode_split``) call it once and pass its result.
+
   Decodes with ``config.decode`` (strategy, sampling and beam options; see
   ``generation.generate``), validated here; compiled once per batch shape.
   With sampling, the n-th call of the returned predictor draws with
@@ -168,12 +173,30 @@ def make_predict_fn(model: VSRModel, config, *, eos_id: int | Sequence[int],
 
   jitted = jax.jit(predict)
   if options["strategy"] != "sample" or options["temperature"] == 0:
-    return lambda params, model_state, batch: jitted(params, model_state, batch, None)
-  key, calls = jax.random.key(seed), [0]
+    def decode(params, model_state, batch):
+      return jitted(params, model_state, batch, None)
+  else:
+    key, calls = jax.random.key(seed), [0]
 
-  def sample(params, model_state, batch):
-    rng = jax.random.fold_in(key, calls[0])
-    calls[0] += 1
-    return jitted(params, model_state, batch, rng)
+    def decode(params, model_state, batch):
+      rng = jax.random.fold_in(key, calls[0])
+      calls[0] += 1
+      return jitted(params, model_state, batch, rng)
 
-  return sample
+  decode.prepare = _decoding_layout
+  return decode
+
+
+@jax.jit
+def _decoding_layout_cpu(params):
+  return {**params, "llm": llm_lib.unstack_layers(params["llm"])}
+
+
+def _decoding_layout(params):
+  """The params a predictor decodes fastest with, made once for many batches: on CPU
+  the LLM's layers unstacked (``llm.unstack_layers``; one more copy of them while
+  it is held), elsewhere the params as they are."""
+  if not generation.default_unstack_layers() or isinstance(params["llm"]["layers"],
+                                                          (tuple, list)):
+    return params
+  return _decoding_layout_cpu(params)

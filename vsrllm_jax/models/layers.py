@@ -124,22 +124,32 @@ def attention_weights_mask(query_mask: jax.Array | None, key_mask: jax.Array,
   return mask
 
 
-def dot_product_attention(q, k, v, mask, *, dtype=jnp.float32):
+def dot_product_attention(q, k, v, mask, *, dtype=jnp.float32, cache_layout=False):
   """Grouped-query attention.
 
   q: [B, Sq, H, D]; k, v: [B, Sk, Hkv, D] with H a multiple of Hkv;
   mask: bool, broadcastable to [B, H, Sq, Sk]. Softmax in fp32.
+  ``cache_layout`` (the KV cache's): k [B, Hkv, D, Sk] and v [B, Hkv, Sk, D],
+  so that both score matmuls read the cache in their natural order, with no
+  transposed copy of it per token.
   Returns [B, Sq, H, D].
   """
   b, sq, h, d = q.shape
-  hkv = k.shape[2]
+  hkv, sk = (k.shape[1], k.shape[3]) if cache_layout else (k.shape[2], k.shape[1])
   groups = h // hkv
   q = q.reshape(b, sq, hkv, groups, d)
-  logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+  if cache_layout:   # batch axes (b, k) leading on both sides: a plain batched matmul
+    logits = jnp.einsum("bkgqd,bkds->bkgqs", jnp.transpose(q, (0, 2, 3, 1, 4)), k,
+                        preferred_element_type=jnp.float32)
+  else:
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
   logits = logits / jnp.sqrt(jnp.float32(d))
-  mask = jnp.broadcast_to(mask, (b, h, sq, k.shape[1])).reshape(b, hkv, groups, sq, k.shape[1])
+  mask = jnp.broadcast_to(mask, (b, h, sq, sk)).reshape(b, hkv, groups, sq, sk)
   logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  if cache_layout:   # one matmul per (b, k) in its natural order; a small transpose after
+    out = jnp.einsum("bkgqs,bksd->bkgqd", probs, v.astype(dtype))
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, sq, h, d)
   out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(dtype))
   return out.reshape(b, sq, h, d)
 

@@ -32,8 +32,9 @@ from vsrllm_jax.models.layers import Dense, default_kernel_init, dot_product_att
 from vsrllm_jax.models.llm_config import ACTIVATIONS, NO_WINDOW, LlmConfig  # noqa: F401
 
 ACT_HIDDEN = ("act_batch", "act_length", "act_embed")   # the residual stream
-CACHE_AXES = dict(k=("layers", "batch", "length", "kv_heads", "head_dim"),
-                  v=("layers", "batch", "length", "kv_heads", "head_dim"),
+# A per-layer cache (tuples of buffers) has the same axes less "layers".
+CACHE_AXES = dict(k=("layers", "batch", "kv_heads", "head_dim", "length"),
+                  v=("layers", "batch", "kv_heads", "length", "head_dim"),
                   mask=("batch", "length"), key_positions=("batch", "length"), index=(),
                   positions=("batch",))  # for sharding
 
@@ -80,15 +81,27 @@ class _Attention(nn.Module):
     k = constrain(k, ("act_batch", "act_length", "act_kv_heads", None))
     v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
     if kv is not None:
-      # Write only the new slots of this layer in place, then read the layer back.
-      k_all, v_all = kv  # [L, B, Smax, Hkv, D]
-      start = (layer, jnp.int32(0), write_index, jnp.int32(0), jnp.int32(0))
-      k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-      v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
-      k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)  # [B, Smax, Hkv, D]
-      v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
-      kv = (k_all, v_all)
-    if cfg.attention_impl == "cudnn" and kv is None:   # fused; no cache in training
+      # Write only the new slots in place, then read this layer's keys and values. The
+      # cache holds keys as [B, Hkv, D, Smax] and values as [B, Hkv, Smax, D] per layer
+      # (``init_cache``), the order in which attention reads them; stacked ([L, ...], the
+      # layer scan) or one buffer per layer (``layer_params``).
+      k_buf, v_buf = kv
+      per_layer = k_buf.ndim == 4
+      def put(buf, new, at):
+        new = new.astype(buf.dtype)
+        if per_layer:
+          return jax.lax.dynamic_update_slice(buf, new, at)
+        return jax.lax.dynamic_update_slice(buf, new[None], (layer,) + at)
+      zero = jnp.int32(0)
+      k_buf = put(k_buf, jnp.transpose(k, (0, 2, 3, 1)), (zero, zero, zero, write_index))
+      v_buf = put(v_buf, jnp.swapaxes(v, 1, 2), (zero, zero, write_index, zero))
+      kv = (k_buf, v_buf)
+      if not per_layer:
+        k_buf = jax.lax.dynamic_index_in_dim(k_buf, layer, 0, keepdims=False)
+        v_buf = jax.lax.dynamic_index_in_dim(v_buf, layer, 0, keepdims=False)
+      out = dot_product_attention(q, k_buf, v_buf, mask, dtype=dtype_from_name(cfg.dtype),
+                                  cache_layout=True)
+    elif cfg.attention_impl == "cudnn":   # fused; no cache in training
       if lengths is not None:   # right-padded, causal: cuDNN skips masked blocks
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
                                            key_value_seq_lengths=lengths,
@@ -191,7 +204,8 @@ class LlamaModel(nn.Module):
     return x
 
   def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None,
-               position_ids=None, cache=None, logit_positions=None, right_padded=False):
+               position_ids=None, cache=None, logit_positions=None, right_padded=False,
+               layer_params=None):
     """Logits [B, S|P, V] float32; with ``cache`` returns ``(logits, new_cache)``.
 
     attention_mask [B, S] (1 = real). Attention is causal and over real keys
@@ -200,6 +214,10 @@ class LlamaModel(nn.Module):
     restricts the final norm + LM head to those sequence positions.
     ``right_padded``: the caller promises every row is real tokens then padding
     (``pack_right``), so fused attention may run causal with sequence lengths.
+    ``layer_params`` (``layer_list(params)``): the layers run one by one, each
+    with its own weights, instead of the scan over the stacked ones; a cache must
+    then be per layer (``init_cache(..., per_layer=True)``). Decoding on CPU uses
+    it: the scan copies every layer's weights out of the stack at every token.
     """
     cfg = self.config
     if (input_ids is None) == (inputs_embeds is None):
@@ -239,8 +257,14 @@ class LlamaModel(nn.Module):
     lengths = None
     if right_padded and cache is None and cfg.sliding_window is None:
       lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)  # [B]
-    (x, kv, _), _ = self.layers((x, kv, jnp.int32(0)), cos, sin, (attn_mask, rel, lengths),
-                                write_index)
+    masks = (attn_mask, rel, lengths)
+    if layer_params is None:
+      if kv is not None and isinstance(kv[0], (tuple, list)):
+        raise ValueError("a per-layer cache (init_cache(..., per_layer=True)) needs "
+                         "layer_params (layer_list(params))")
+      (x, kv, _), _ = self.layers((x, kv, jnp.int32(0)), cos, sin, masks, write_index)
+    else:
+      x, kv = _layer_loop(cfg, layer_params, x, kv, cos, sin, masks, write_index)
 
     if logit_positions is not None:
       x = jnp.take_along_axis(x, jnp.asarray(logit_positions, jnp.int32)[..., None], axis=1)
@@ -260,14 +284,65 @@ class LlamaModel(nn.Module):
     return logits, new_cache
 
 
-def init_cache(config: LlmConfig, batch: int, max_length: int, dtype=None) -> dict:
+def _layer_loop(cfg: LlmConfig, layer_params, x, kv, cos, sin, masks, write_index):
+  """The decoder layers one after another, layer i with ``layer_params[i]`` and, with a
+  cache, its own buffers ``kv[0][i]``, ``kv[1][i]`` -> (x, kv or None)."""
+  if len(layer_params) != cfg.num_layers:
+    raise ValueError(f"layer_params has {len(layer_params)} layers; the config has "
+                     f"{cfg.num_layers}")
+  if kv is not None and not isinstance(kv[0], (tuple, list)):
+    raise ValueError("with layer_params the cache must be per layer: "
+                     "init_cache(..., per_layer=True)")
+  layer = DecoderLayer(cfg, parent=None)
+  keys, values = [], []
+  for i, params in enumerate(layer_params):
+    layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+    (x, layer_kv, _), _ = layer.apply({"params": params}, (x, layer_kv, jnp.int32(i)), cos,
+                                      sin, masks, write_index)
+    if layer_kv is not None:
+      keys.append(layer_kv[0])
+      values.append(layer_kv[1])
+  return x, (None if kv is None else (tuple(keys), tuple(values)))
+
+
+def layer_list(params) -> list:
+  """Per-layer param trees: ``params['layers']`` as is when already unstacked
+  (``unstack_layers``), else the scan's [L, ...] leaves sliced (a copy)."""
+  layers = params["layers"]
+  if isinstance(layers, (tuple, list)):
+    return list(layers)
+  num_layers = jax.tree.leaves(layers)[0].shape[0]
+  return [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(num_layers)]
+
+
+def unstack_layers(params) -> dict:
+  """``params`` with 'layers' as a tuple of per-layer trees: the decoding layout on CPU.
+
+  Done once for many decode calls (``train_step.make_predict_fn``'s ``prepare``),
+  it spares each call the copy of the weights out of the stack. Only
+  ``generation`` reads this layout; the scan (training) needs the stacked one.
+  """
+  return {**params, "layers": tuple(layer_list(params))}
+
+
+def init_cache(config: LlmConfig, batch: int, max_length: int, dtype=None, *,
+               per_layer: bool = False) -> dict:
   """An empty KV cache of ``max_length`` slots (slots past the end are not checked).
 
+  Heads-major, in the order attention reads them: keys [L, B, Hkv, D, Smax], values
+  [L, B, Hkv, Smax, D] (``CACHE_AXES``); with ``per_layer``, tuples of L buffers
+  without the L axis (for ``layer_params``).
   ``key_positions`` keeps each slot's position id, which sliding windows compare.
   """
   dt = dtype_from_name(dtype or config.dtype)
-  shape = (config.num_layers, batch, max_length, config.num_kv_heads, config.head_dim)
-  return dict(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt),
+  n, hkv, d = config.num_layers, config.num_kv_heads, config.head_dim
+  k_shape, v_shape = (batch, hkv, d, max_length), (batch, hkv, max_length, d)
+  if per_layer:
+    k = tuple(jnp.zeros(k_shape, dt) for _ in range(n))
+    v = tuple(jnp.zeros(v_shape, dt) for _ in range(n))
+  else:
+    k, v = jnp.zeros((n,) + k_shape, dt), jnp.zeros((n,) + v_shape, dt)
+  return dict(k=k, v=v,
               mask=jnp.zeros((batch, max_length), bool),
               key_positions=jnp.zeros((batch, max_length), jnp.int32),
               index=jnp.zeros((), jnp.int32), positions=jnp.zeros((batch,), jnp.int32))
