@@ -8,7 +8,9 @@ head_dim, tied head). Config fields that would change the math and are not
 implemented (Gemma 2/3, soft-capping, partial rotary, MLP bias, other rope
 types, ...) raise (``llm_config``). Checkpoint I/O lives in ``hf_checkpoint``. Layers run
 under ``nn.scan`` (compile time flat in depth); per-layer windows come from a
-constant table indexed by the carried layer number. Pure: the KV cache is a
+constant table indexed by the carried layer number. Decoding on CPU runs them
+one by one instead (``layer_params``, ``unstack_layers``): the scan would copy
+each layer's weights out of the stack at every token. Pure: the KV cache is a
 pytree passed in and returned. Positions count real tokens only, so padding
 anywhere (the composed model pads inside ``[instruction][visual][label]``)
 neither shifts positions nor receives attention.
