@@ -18,3 +18,11 @@ def torch_single_thread():
   torch.set_num_threads(1)
   yield
   torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def encoded():
+  """The padded batch every PyTorch-port parity test reads (``torch_port_parity``), built
+  once for all of them; read-only (tests copy before they change it)."""
+  from tests.torch_port_parity import encoded_batch  # pylint: disable=g-import-not-at-top
+  return encoded_batch()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.torch_port_parity import (assert_config_fields_match, assert_matches, case_id,
-                                     encoded_batch, run_case, to_torch)
+                                     run_case, to_torch)
 from vsrllm_jax.models import projectors as jax_projectors
 from vsrllm_jax.torch_port import projectors as torch_projectors
 from vsrllm_jax.torch_port.projectors import attention_family
@@ -34,11 +34,6 @@ CASES = [(name, TINY) for name in NAMES] + [
     ("fusion_refinement", dict(TINY, num_layers=3, width=16, reconstruction=True)),
     ("text_gated_cross_attention", dict(TINY, width=16, num_layers=3, reconstruction=True)),
 ]
-
-
-@pytest.fixture(scope="module")
-def encoded():
-  return encoded_batch()
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[case_id(*c, TINY) for c in CASES])

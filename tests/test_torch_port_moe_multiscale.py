@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.torch_port_parity import (TOL, assert_config_fields_match, assert_matches, case_id,
-                                     encoded_batch, load, random_params, run_case, to_torch)
+                                     load, random_params, run_case, to_torch)
 from vsrllm_jax import torch_layout
 from vsrllm_jax.models.projectors import moe as jax_moe
 from vsrllm_jax.torch_port import projectors as torch_projectors
@@ -28,11 +28,6 @@ CASES = [(name, {}) for name in NAMES] + [
     ("multiscale_contrastive", dict(scales=(3, 1), num_output_tokens=5, num_heads=2,
                                     mlp_ratio=1, time_embedding_dim=6)),
 ]
-
-
-@pytest.fixture(scope="module")
-def encoded():
-  return encoded_batch()
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[case_id(*c) for c in CASES])

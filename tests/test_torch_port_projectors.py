@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.torch_port_parity import (TOL, assert_config_fields_match, assert_matches, case_id,
-                                     encoded_batch, load, random_params, run_case, to_torch)
+                                     load, random_params, run_case, to_torch)
 from vsrllm_jax import torch_layout
 from vsrllm_jax.models import layers as jax_layers
 from vsrllm_jax.models.projectors import blocks as jax_blocks
@@ -35,11 +35,6 @@ CASES = [(name, {}) for name in NAMES] + [
     ("text_pevl_adapter", dict(hidden_dim=12, num_adapters=3, bottleneck_dim=5)),
 ]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def encoded():
-  return encoded_batch()
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[case_id(*c) for c in CASES])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.torch_port_parity import (assert_config_fields_match, assert_matches, case_id,
-                                     encoded_batch, run_case, to_torch)
+                                     run_case, to_torch)
 from vsrllm_jax.torch_port import projectors as torch_projectors
 
 NAMES = ["qformer", "enhanced_qformer", "blip2_qformer"]
@@ -23,11 +23,6 @@ CASES = [(name, TINY) for name in NAMES] + [
     ("blip2_qformer", dict(TINY, num_layers=3, width=16, cross_attention_frequency=2,
                            reconstruction=True)),
 ]
-
-
-@pytest.fixture(scope="module")
-def encoded():
-  return encoded_batch()
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[case_id(*c, TINY) for c in CASES])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.torch_port_parity import (TOL, assert_config_fields_match, assert_matches, case_id,
-                                     encoded_batch, run_case)
+                                     run_case)
 from vsrllm_jax.models import projectors as jax_projectors
 from vsrllm_jax.torch_port import projectors as torch_projectors
 from vsrllm_jax.torch_port.projectors import moe as torch_moe
@@ -29,11 +29,6 @@ CASES = [(name, {}) for name in NAMES] + [
 ]
 IDS = [case_id(*c) for c in CASES]
 NO_TEXT_ROW = 1      # encoded_batch: instruction 1 has no real token
-
-
-@pytest.fixture(scope="module")
-def encoded():
-  return encoded_batch()
 
 
 @pytest.fixture(scope="module")

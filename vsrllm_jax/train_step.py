@@ -196,7 +196,6 @@ def _decoding_layout(params):
   """The params a predictor decodes fastest with, made once for many batches: on CPU
   the LLM's layers unstacked (``llm.unstack_layers``; one more copy of them while
   it is held), elsewhere the params as they are."""
-  if not generation.default_unstack_layers() or isinstance(params["llm"]["layers"],
-                                                          (tuple, list)):
+  if not generation.default_unstack_layers() or llm_lib.is_unstacked(params["llm"]):
     return params
   return _decoding_layout_cpu(params)

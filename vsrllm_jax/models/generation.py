@@ -93,7 +93,7 @@ def _prefill(model: LlamaModel, params, inputs_embeds, attention_mask, max_new_t
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  if isinstance(params["layers"], (tuple, list)):
+  if llm.is_unstacked(params):
     unstack_layers = True           # the decoding layout: no stack for the scan
   elif unstack_layers is None:
     unstack_layers = default_unstack_layers()

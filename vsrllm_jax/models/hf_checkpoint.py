@@ -62,7 +62,7 @@ def hf_shape(shape: tuple[int, ...], how: str) -> tuple[int, ...]:
           "linear": tuple(shape[::-1]), "heads_bias": (size,)}.get(how, tuple(shape))
 
 
-def _to_hf(w: np.ndarray, how: str) -> np.ndarray:
+def to_hf(w: np.ndarray, how: str) -> np.ndarray:
   """One of our tensors -> the HF layout (heads flattened, Linear transposed)."""
   if how == "heads":  # [E, H, D] -> [H*D, E]
     return w.reshape(w.shape[0], -1).T
@@ -217,7 +217,7 @@ def to_hf_state_dict(config: LlmConfig, params) -> dict[str, np.ndarray]:
   for suffix, path, how in _hf_layer_map(config):
     stacked = functools.reduce(lambda d, k: d[k], path, p["layers"])
     for i in range(config.num_layers):
-      out[f"model.layers.{i}.{suffix}"] = _to_hf(np.asarray(stacked[i]), how)
+      out[f"model.layers.{i}.{suffix}"] = to_hf(np.asarray(stacked[i]), how)
   return {k: np.ascontiguousarray(np.asarray(w)) for k, w in out.items()}
 
 

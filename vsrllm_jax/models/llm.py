@@ -307,11 +307,16 @@ def _layer_loop(cfg: LlmConfig, layer_params, x, kv, cos, sin, masks, write_inde
   return x, (None if kv is None else (tuple(keys), tuple(values)))
 
 
+def is_unstacked(params) -> bool:
+  """Whether ``params['layers']`` is per layer (``unstack_layers``), not the scan's stack."""
+  return isinstance(params["layers"], (tuple, list))
+
+
 def layer_list(params) -> list:
   """Per-layer param trees: ``params['layers']`` as is when already unstacked
   (``unstack_layers``), else the scan's [L, ...] leaves sliced (a copy)."""
   layers = params["layers"]
-  if isinstance(layers, (tuple, list)):
+  if is_unstacked(params):
     return list(layers)
   num_layers = jax.tree.leaves(layers)[0].shape[0]
   return [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(num_layers)]

@@ -260,12 +260,11 @@ def to_hf_tensors(config: VisionTowerConfig, params) -> dict[str, np.ndarray]:
     if path in flat:
       w = np.asarray(flat[path])
       out[name] = w.transpose(3, 2, 0, 1) if name == PATCH_KEY else w  # [p,p,C,D] -> [D,C,p,p]
-  to_hf = hf_checkpoint._to_hf  # pylint: disable=protected-access
   for suffix, path, how in _layer_rows():
     path = ("layers",) + path
     if path in flat:
       for i in range(config.layers_used):
-        out[f"encoder.layers.{i}.{suffix}"] = to_hf(np.asarray(flat[path][i]), how)
+        out[f"encoder.layers.{i}.{suffix}"] = hf_checkpoint.to_hf(np.asarray(flat[path][i]), how)
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 

@@ -28,7 +28,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from vsrllm_jax.torch_port import shapes
-from vsrllm_jax.torch_port.video_encoder import PIXEL_MEAN, PIXEL_STD, check_video
+from vsrllm_jax.torch_port.video_encoder import (PIXEL_MEAN, PIXEL_STD, VideoEncoderShape,
+                                                  check_video)
 
 # Where fine-tuned models keep the encoder (VSP-LLM / AV-HuBERT seq2seq, CTC).
 PREFIXES = ("", "encoder.w2v_model.", "w2v_encoder.w2v_model.")
@@ -38,16 +39,9 @@ _UNUSED = re.compile(r"^(mask_emb|label_embs_concat|final_proj\.(weight|bias)|ta
 
 
 @dataclasses.dataclass(frozen=True)
-class AvHubertShape:
-  """The fields of ``models.avhubert.AvHubertConfig`` that shape the network (Base's values)."""
-  stem_channels: int = 64
-  stem_kernel: Sequence[int] = (5, 7, 7)
-  resnet_channels: Sequence[int] = (64, 128, 256, 512)
-  resnet_blocks: Sequence[int] = (2, 2, 2, 2)
-  hidden_dim: int = 768
-  num_layers: int = 12
-  num_heads: int = 12
-  mlp_dim: int = 3072
+class AvHubertShape(VideoEncoderShape):
+  """The fields of ``models.avhubert.AvHubertConfig`` that shape the network (Base's values):
+  the trunk's, as the compact encoder's, plus the positional conv, LN order and fusion."""
   conv_pos: int = 128
   conv_pos_groups: int = 16
   layer_norm_first: bool = True
