@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import shutil
 
 import flax
 import jax
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from tests import tiny_run_config
 from vsrllm_jax import checkpoint, convert, from_torch, resolve, sharding, torch_layout, train
@@ -98,7 +99,27 @@ def test_failures_name_what_is_wrong_and_leave_nothing(run, tmp_path):
   (bad / "config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match="no_such_projector"):
     convert.convert(str(bad), str(tmp_path / "bad_out"))
+  # A checkpoint that lacks the configured projector's weights (the run trained another).
+  config["projector"] = {"name": "qformer"}
+  (bad / "config.json").write_text(json.dumps(config))
+  os.symlink(os.path.join(run, checkpoint.BEST_DIR), bad / checkpoint.BEST_DIR)
+  with pytest.raises(ValueError, match=r"does not hold this model's weights: missing \d+ "
+                                       r"\['params/projector/.*unexpected"):
+    convert.convert(str(bad), str(tmp_path / "bad_out"))
+  assert not (tmp_path / "bad_out").exists()
   assert checkpoint.BEST_DIR   # the run itself is untouched
+
+
+def test_import_of_an_export_lacking_weights_names_them(exported, tmp_path):
+  out, _ = exported
+  bad = str(tmp_path / "export")
+  shutil.copytree(out, bad)
+  tensors = load_file(os.path.join(bad, "projector.safetensors"))
+  dropped = sorted(tensors)[0]
+  del tensors[dropped]
+  save_file(tensors, os.path.join(bad, "projector.safetensors"))
+  with pytest.raises(KeyError, match=f"state dict has no {dropped!r}"):
+    from_torch.import_export(bad, str(tmp_path / "new"))
 
 
 def test_torch_export_imports_back_bit_identical_and_training_continues(run, exported,

@@ -22,6 +22,7 @@ from typing import Any
 import grain.python as grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 FORMAT_VERSION = 1
 LATEST_DIR = "checkpoints"
@@ -96,6 +97,7 @@ class Checkpoints:
     The data iterator, when given, is restored in place.
     """
     manager = self.best if best else self.latest
+    _check_params(os.path.join(str(manager.directory), str(step), "state"), abstract_state)
     items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
     has_data = os.path.isdir(os.path.join(str(manager.directory), str(step), "data"))
     if data_iterator is not None and not best:
@@ -115,6 +117,31 @@ class Checkpoints:
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+
+
+def _names(tree: Any) -> set[str]:
+  """'params/projector/readout/kernel'-style paths of a tree's leaves."""
+  def name(key):
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+  return {"/".join(name(k) for k in path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_params(path: str, abstract_state: Any) -> None:
+  """Raises naming the params (and model state) the checkpoint at ``path`` lacks or has
+  beyond the model's, before orbax's own, much longer, structure error."""
+  weights = ("params/", "model_state/")
+  stored = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
+  stored = {n for n in _names(getattr(stored, "tree", stored)) if n.startswith(weights)}
+  wanted = {n for n in _names(abstract_state) if n.startswith(weights)}
+  missing, extra = sorted(wanted - stored), sorted(stored - wanted)
+  if missing or extra:
+    raise ValueError(f"checkpoint {path} does not hold this model's weights: missing "
+                     f"{len(missing)} {missing[:8]}, unexpected {len(extra)} {extra[:8]} (does "
+                     "the config name the projector, encoder and LLM the run trained?)")
 
 
 def abstract_like(tree: Any) -> Any:
