@@ -6,8 +6,9 @@ Both sides run the same random weights (a transformers Llama saved with
 ``save_pretrained`` and read with our loader), fp32, the same token prompts,
 greedy with EOS disabled so both produce exactly --new_tokens tokens per row
 (prefill of the prompt + one step per further token). Our params are held in
-our decoding layout (``llm.unstack_layers`` on CPU; made once, as a predictor
-does before a split, and not timed), as transformers holds one tensor per layer. torch runs with
+our decoding layout (``llm.unstack_layers`` on CPU: per layer, [out, in]; made
+once, as a predictor does before a split, and not timed), as transformers holds
+one [out, in] tensor per layer. torch runs with
 --threads threads and its default (sdpa) attention, under inference_mode.
 Prints JSON lines: compile time (ours, separate), then the median over --runs
 timed runs of each side, new tokens per second, the ratio (goal >= 2), and the

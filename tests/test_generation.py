@@ -253,6 +253,25 @@ def test_layer_layouts_decode_alike(setup, strategy, options):
   np.testing.assert_array_equal(runs["unstacked"], runs["scan"])
 
 
+def test_decoding_layout_is_out_by_in_and_made_once(setup):
+  """``unstack_layers``: every kernel an [out, in] matrix holding the same numbers
+  (the LM head as ``kernel_t``); applied again, it changes nothing."""
+  _, model, params, _, _ = setup
+  cfg, once = model.config, llm.unstack_layers(params)
+  layer, stacked = once["layers"][1], params["layers"]
+  q = np.asarray(stacked["self_attn"]["q_proj"]["kernel"][1])               # [E, H, D]
+  np.testing.assert_array_equal(layer["self_attn"]["q_proj"]["kernel"],
+                                q.reshape(cfg.hidden_dim, -1).T)
+  o = np.asarray(stacked["self_attn"]["o_proj"]["kernel"][1])               # [H, D, E]
+  np.testing.assert_array_equal(layer["self_attn"]["o_proj"]["kernel"],
+                                o.reshape(-1, cfg.hidden_dim).T)
+  np.testing.assert_array_equal(layer["mlp"]["down_proj"]["kernel"],
+                                np.asarray(stacked["mlp"]["down_proj"]["kernel"][1]).T)
+  np.testing.assert_array_equal(once["lm_head"]["kernel_t"],
+                                np.asarray(params["lm_head"]["kernel"]).T)
+  jax.tree.map(np.testing.assert_array_equal, llm.unstack_layers(once), once)
+
+
 def test_cache_and_layer_params_must_agree(setup):
   _, model, params, ids, _ = setup
   apply = lambda cache, layer_params: model.apply({"params": params}, ids, cache=cache,
@@ -267,12 +286,14 @@ def test_cache_and_layer_params_must_agree(setup):
 
 def test_argmax_is_jnp_argmax():
   """Two-stage argmax: first maximal index (ties), vocabularies not a multiple of the
-  chunk, NaN and all -inf rows, leading batch axes."""
+  chunk, NaN (the first NaN wins, even past an inf) and all -inf rows, leading batch axes."""
   rng = np.random.default_rng(0)
   for vocab in (5, 128, 300, 1000):
     x = rng.integers(-2, 3, (2, 3, vocab)).astype(np.float32)     # many ties
     x[0, 0, :] = -np.inf
     x[1, 2, vocab // 2] = np.nan
+    x[0, 2, [1, vocab - 2]] = np.nan
+    x[1, 1, 0], x[1, 1, vocab - 1] = np.inf, np.nan
     got = np.asarray(generation.argmax(jnp.asarray(x), chunk=64))
     np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
 

@@ -156,22 +156,21 @@ def argmax(logits: jax.Array, chunk: int = 128) -> jax.Array:
   The maximum of each ``chunk`` of the vocabulary, the first chunk holding the
   overall maximum, then the first maximum inside it. XLA's CPU argmax is one
   serial reduction that carries (value, index) pairs: 0.7 ms for [8, 32000],
-  a twentieth of a decode step; this is ~4x faster. Ties pick as argmax; logits
-  with a NaN (whose max XLA may skip) take jnp.argmax itself.
+  a twentieth of a decode step; this is ~4x faster. Ties pick as argmax. A row
+  with a NaN (whose max XLA may skip) picks its first NaN, as argmax does: the
+  chunk is chosen by a NaN flag, without a branch (a ``lax.cond`` copies the
+  logits into its branch: ~4% of a step).
   """
   *lead, vocab = logits.shape
   pad = -vocab % chunk
-
-  def two_stage(x):
-    if pad:
-      x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad)], constant_values=-jnp.inf)
-    blocks = x.reshape(*lead, -1, chunk)                                  # [..., C, chunk]
-    best = jnp.argmax(jnp.max(blocks, axis=-1), axis=-1)                  # [...]
-    inside = jnp.take_along_axis(blocks, best[..., None, None], axis=-2)[..., 0, :]
-    return (best * chunk + jnp.argmax(inside, axis=-1)).astype(jnp.int32)
-
-  return jax.lax.cond(jnp.isnan(logits).any(),
-                      lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), two_stage, logits)
+  if pad:
+    logits = jnp.pad(logits, [(0, 0)] * len(lead) + [(0, pad)], constant_values=-jnp.inf)
+  blocks = logits.reshape(*lead, -1, chunk)                               # [..., C, chunk]
+  has_nan = jnp.isnan(blocks).any(axis=-1)                                # [..., C]
+  best = jnp.where(has_nan.any(axis=-1), jnp.argmax(has_nan, axis=-1),
+                   jnp.argmax(jnp.max(blocks, axis=-1), axis=-1))         # [...]
+  inside = jnp.take_along_axis(blocks, best[..., None, None], axis=-2)[..., 0, :]
+  return (best * chunk + jnp.argmax(inside, axis=-1)).astype(jnp.int32)
 
 
 def greedy_generate(model: LlamaModel, params, inputs_embeds: jax.Array,
