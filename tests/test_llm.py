@@ -316,6 +316,16 @@ def test_rope_frequencies_match_transformers():
     rope.inverse_frequencies(16, 1e4, dict(rope_type="yarn"))
 
 
+def test_rope_table_rows_equal_computed_values():
+  """``num_positions``: rows of a trace-time table, bit for bit the computed cos/sin."""
+  scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                 original_max_position_embeddings=64)
+  positions = jnp.asarray([[0, 5, 299], [17, 17, 1]], jnp.int32)
+  direct = jax.jit(lambda p: rope.rope_cos_sin(p, 16, 5e5, scaling))(positions)
+  table = jax.jit(lambda p: rope.rope_cos_sin(p, 16, 5e5, scaling, num_positions=300))(positions)
+  jax.tree.map(np.testing.assert_array_equal, table, direct)
+
+
 def test_config_from_common_config_dict():
   c = get_base_config()
   cfg = llm.LlmConfig.from_config_dict(c.llm, vocab_size=40, dtype="bfloat16")

@@ -234,10 +234,17 @@ class LlamaModel(nn.Module):
     mask = (jnp.ones((b, s), bool) if attention_mask is None
             else jnp.asarray(attention_mask).astype(bool))  # [B, S]
     start = 0 if cache is None else cache["positions"][:, None]
+    num_positions = None
     if position_ids is None:
       position_ids = start + jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+      if layer_params is not None and s > 1:
+        # CPU decoding's prompt: cos/sin from a constant table (``rope_cos_sin``); each
+        # real token takes a slot, so these positions stay below the slots. One token
+        # per row recomputes little, and the table's gather cost more there.
+        num_positions = s if cache is None else cache["mask"].shape[1]
     position_ids = jnp.asarray(position_ids, jnp.int32)  # [B, S]
-    cos, sin = rope.rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    cos, sin = rope.rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
+                                 num_positions=num_positions)
 
     if cache is None:
       kv, write_index = None, None
