@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.torch_port_parity import (TOL, assert_config_fields_match, assert_matches, case_id,
-                                     load, random_params, run_case, to_torch)
+from tests.torch_port_parity import (TOL, assert_config_fields_match, assert_matches, load,
+                                     projector_case_fixture, random_params, to_torch)
 from vsrllm_jax import torch_layout
 from vsrllm_jax.models.projectors import moe as jax_moe
 from vsrllm_jax.torch_port import projectors as torch_projectors
@@ -30,14 +30,11 @@ CASES = [(name, {}) for name in NAMES] + [
 ]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[case_id(*c) for c in CASES])
-def projector_case(request, encoded):
-  name, fields = request.param
-  return (case_id(name, fields),) + run_case(name, fields, encoded)[:2]
+projector_case = projector_case_fixture(CASES)
 
 
 def test_projector_matches_ours(projector_case, torch_single_thread):
-  label, want, got = projector_case
+  label, want, got, _ = projector_case
   assert_matches(label, want, got)
 
 

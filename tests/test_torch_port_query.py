@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.torch_port_parity import (assert_config_fields_match, assert_matches, case_id,
-                                     run_case, to_torch)
+from tests.torch_port_parity import (assert_config_fields_match, assert_matches,
+                                     projector_case_fixture, to_torch)
 from vsrllm_jax.torch_port import projectors as torch_projectors
 
 NAMES = ["qformer", "enhanced_qformer", "blip2_qformer"]
@@ -25,11 +25,7 @@ CASES = [(name, TINY) for name in NAMES] + [
 ]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[case_id(*c, TINY) for c in CASES])
-def projector_case(request, encoded):
-  """(label, ours: tokens/mask, torch: tokens/mask, the torch module)."""
-  name, fields = request.param
-  return (case_id(name, fields, TINY),) + run_case(name, fields, encoded)
+projector_case = projector_case_fixture(CASES, TINY)
 
 
 def test_projector_matches_ours(projector_case, torch_single_thread):

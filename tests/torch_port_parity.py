@@ -8,6 +8,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 from tests.tiny import random_batch, tiny_config
@@ -109,3 +110,13 @@ def assert_config_fields_match(name: str) -> None:
 
 def case_id(name: str, fields: dict, base: dict | None = None) -> str:
   return name + "".join(f"-{k}={v}" for k, v in fields.items() if (base or {}).get(k) != v)
+
+
+def projector_case_fixture(cases, base: dict | None = None):
+  """A module-scoped fixture over ``cases`` [(name, fields)]: (label, ours:
+  tokens/mask, torch: tokens/mask, the torch module), built once per case."""
+  @pytest.fixture(scope="module", params=cases, ids=[case_id(*c, base) for c in cases])
+  def projector_case(request, encoded):
+    name, fields = request.param
+    return (case_id(name, fields, base),) + run_case(name, fields, encoded)
+  return projector_case

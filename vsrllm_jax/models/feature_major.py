@@ -18,7 +18,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from vsrllm_jax.models.layers import dtype_from_name
+from vsrllm_jax.models import rope
+from vsrllm_jax.models.layers import dtype_from_name, grouped_attention, hf_rms_norm
 from vsrllm_jax.models.llm_config import ACTIVATIONS, NO_WINDOW, LlmConfig
 
 # Linen kernel -> [out, in]: which leading axes are the input ones.
@@ -86,29 +87,17 @@ def _dense(params, xt, dtype):
 
 def _norm(cfg: LlmConfig, params, xt):
   """``llm._RmsNorm`` over axis 0."""
-  dtype = dtype_from_name(cfg.dtype)
-  w = params["scale"][:, None]
-  xf = xt.astype(jnp.float32)
-  normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=0, keepdims=True) + cfg.rms_norm_eps)
-  if cfg.norm_offset:
-    return (normed * (cfg.norm_offset + w.astype(jnp.float32))).astype(dtype)
-  return w.astype(dtype) * normed.astype(dtype)
-
-
-def _rotate(x, cos_t, sin_t):
-  """``rope.rotate`` on x [heads, D, N] with cos/sin [D, N]."""
-  cos_t, sin_t = cos_t[None].astype(x.dtype), sin_t[None].astype(x.dtype)
-  x1, x2 = jnp.split(x, 2, axis=1)
-  return x * cos_t + jnp.concatenate([-x2, x1], axis=1) * sin_t
+  return hf_rms_norm(xt, params["scale"][:, None], epsilon=cfg.rms_norm_eps,
+                     offset=cfg.norm_offset, dtype=dtype_from_name(cfg.dtype), axis=0)
 
 
 def _attention(cfg: LlmConfig, params, xt, cos_t, sin_t, mask, kv, write_index, bs):
-  """``llm._Attention`` (and ``layers.dot_product_attention``, cache layout) on [E, N]."""
+  """``llm._Attention`` on [E, N] (``layers.grouped_attention`` over the cache layout)."""
   dtype = dtype_from_name(cfg.dtype)
   b, s = bs
   h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  q = _rotate(_dense(params["q_proj"], xt, dtype).reshape(h, d, -1), cos_t, sin_t)
-  k = _rotate(_dense(params["k_proj"], xt, dtype).reshape(hkv, d, -1), cos_t, sin_t)
+  q = rope.rotate(_dense(params["q_proj"], xt, dtype).reshape(h, d, -1), cos_t, sin_t, axis=1)
+  k = rope.rotate(_dense(params["k_proj"], xt, dtype).reshape(hkv, d, -1), cos_t, sin_t, axis=1)
   v = _dense(params["v_proj"], xt, dtype).reshape(hkv, d, b, s)
   k = jnp.transpose(k.reshape(hkv, d, b, s), (2, 0, 1, 3))      # [B, Hkv, D, S]
   v = jnp.transpose(v, (2, 0, 3, 1))                            # [B, Hkv, S, D]
@@ -117,14 +106,8 @@ def _attention(cfg: LlmConfig, params, xt, cos_t, sin_t, mask, kv, write_index, 
     k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (zero, zero, zero, write_index))
     v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (zero, zero, write_index, zero))
     kv = (k, v)
-  groups, sk = h // hkv, k.shape[3]
-  q = jnp.transpose(q.reshape(hkv, groups, d, b, s), (3, 0, 1, 4, 2))  # [B, Hkv, G, S, D]
-  logits = jnp.einsum("bkgqd,bkds->bkgqs", q, k, preferred_element_type=jnp.float32)
-  logits = logits / jnp.sqrt(jnp.float32(d))
-  mask = jnp.broadcast_to(mask, (b, h, s, sk)).reshape(b, hkv, groups, s, sk)
-  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-  out = jnp.einsum("bkgqs,bksd->bkgqd", probs, v.astype(dtype))   # [B, Hkv, G, S, D]
+  q = jnp.transpose(q.reshape(hkv, h // hkv, d, b, s), (3, 0, 1, 4, 2))  # [B, Hkv, G, S, D]
+  out = grouped_attention(q, k, v, mask, dtype=dtype)                # [B, Hkv, G, S, D]
   out = jnp.transpose(out, (1, 2, 4, 0, 3)).reshape(h * d, b * s)  # [H*D, N]
   return _dense(params["o_proj"], out, dtype), kv
 

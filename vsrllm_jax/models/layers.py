@@ -89,6 +89,20 @@ class RMSNorm(nn.Module):
     return jnp.asarray(y, self.dtype)
 
 
+def hf_rms_norm(x, w, *, epsilon: float, offset: float, dtype, axis: int = -1):
+  """RMSNorm of x along ``axis`` (w broadcastable against x) as transformers'
+  Llama-family models compute it (``RMSNorm`` casts differently).
+
+  Llama: ``w * normed.astype(dtype)``. Gemma (``offset=1``): ``normed * (1 + w)``
+  in float32, then cast.
+  """
+  xf = x.astype(jnp.float32)
+  normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=axis, keepdims=True) + epsilon)
+  if offset:
+    return (normed * (offset + w.astype(jnp.float32))).astype(dtype)
+  return w.astype(dtype) * normed.astype(dtype)
+
+
 class LayerNorm(nn.Module):
   """LayerNorm with logically named scale and bias (computed in fp32)."""
   epsilon: float = 1e-5
@@ -131,27 +145,39 @@ def dot_product_attention(q, k, v, mask, *, dtype=jnp.float32, cache_layout=Fals
   mask: bool, broadcastable to [B, H, Sq, Sk]. Softmax in fp32.
   ``cache_layout`` (the KV cache's): k [B, Hkv, D, Sk] and v [B, Hkv, Sk, D],
   so that both score matmuls read the cache in their natural order, with no
-  transposed copy of it per token.
+  transposed copy of it per token (``grouped_attention``).
   Returns [B, Sq, H, D].
   """
   b, sq, h, d = q.shape
-  hkv, sk = (k.shape[1], k.shape[3]) if cache_layout else (k.shape[2], k.shape[1])
-  groups = h // hkv
-  q = q.reshape(b, sq, hkv, groups, d)
-  if cache_layout:   # batch axes (b, k) leading on both sides: a plain batched matmul
-    logits = jnp.einsum("bkgqd,bkds->bkgqs", jnp.transpose(q, (0, 2, 3, 1, 4)), k,
-                        preferred_element_type=jnp.float32)
-  else:
-    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-  logits = logits / jnp.sqrt(jnp.float32(d))
-  mask = jnp.broadcast_to(mask, (b, h, sq, sk)).reshape(b, hkv, groups, sq, sk)
-  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-  if cache_layout:   # one matmul per (b, k) in its natural order; a small transpose after
-    out = jnp.einsum("bkgqs,bksd->bkgqd", probs, v.astype(dtype))
+  hkv = k.shape[1] if cache_layout else k.shape[2]
+  q = q.reshape(b, sq, hkv, h // hkv, d)
+  if cache_layout:   # a small transpose of q before, and of the output after
+    out = grouped_attention(jnp.transpose(q, (0, 2, 3, 1, 4)), k, v, mask, dtype=dtype)
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, sq, h, d)
-  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(dtype))
+  logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+  out = jnp.einsum("bkgqs,bskd->bqkgd", _attention_probs(logits, mask, d, dtype), v.astype(dtype))
   return out.reshape(b, sq, h, d)
+
+
+def grouped_attention(q, k, v, mask, *, dtype=jnp.float32):
+  """The cache-layout core: batch axes (b, k) leading on every side, so both
+  matmuls are plain batched ones in the operands' natural order.
+
+  q [B, Hkv, G, Sq, D]; k [B, Hkv, D, Sk]; v [B, Hkv, Sk, D]; mask broadcastable
+  to [B, Hkv * G, Sq, Sk]. Returns [B, Hkv, G, Sq, D].
+  """
+  logits = jnp.einsum("bkgqd,bkds->bkgqs", q, k, preferred_element_type=jnp.float32)
+  return jnp.einsum("bkgqs,bksd->bkgqd", _attention_probs(logits, mask, q.shape[-1], dtype),
+                    v.astype(dtype))
+
+
+def _attention_probs(logits, mask, head_dim: int, dtype):
+  """Scaled, masked fp32 softmax of logits [B, Hkv, G, Sq, Sk] -> probs in ``dtype``."""
+  b, hkv, groups, sq, sk = logits.shape
+  logits = logits / jnp.sqrt(jnp.float32(head_dim))
+  mask = jnp.broadcast_to(mask, (b, hkv * groups, sq, sk)).reshape(logits.shape)
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(logits, axis=-1).astype(dtype)
 
 
 class MultiHeadAttention(nn.Module):

@@ -30,7 +30,7 @@ import numpy as np
 from vsrllm_jax.models import feature_major, rope
 from vsrllm_jax.sharding import constrain
 from vsrllm_jax.models.layers import Dense, default_kernel_init, dot_product_attention, \
-    dtype_from_name, scan_layers, with_axes
+    dtype_from_name, hf_rms_norm, scan_layers, with_axes
 # LlmConfig and NO_WINDOW are re-exported: callers use llm.LlmConfig.
 from vsrllm_jax.models.llm_config import ACTIVATIONS, NO_WINDOW, LlmConfig  # noqa: F401
 
@@ -43,11 +43,8 @@ CACHE_AXES = dict(k=("layers", "batch", "kv_heads", "head_dim", "length"),
 
 
 class _RmsNorm(nn.Module):
-  """RMSNorm as transformers computes it per family (the stored weight is ``scale``).
-
-  Llama: ``w * normed.astype(dtype)``. Gemma (``offset=1``): ``normed * (1 + w)``
-  in float32, then cast; ``w`` is stored zero-centred (initialised to 0).
-  """
+  """RMSNorm as transformers computes it per family (``layers.hf_rms_norm``; the
+  stored weight is ``scale``, zero-centred for Gemma)."""
   epsilon: float
   offset: float = 0.0
   dtype: Any = jnp.float32
@@ -57,11 +54,7 @@ class _RmsNorm(nn.Module):
   def __call__(self, x):
     init = nn.initializers.zeros if self.offset else nn.initializers.ones
     w = self.param("scale", with_axes(init, ("embed",)), (x.shape[-1],), self.param_dtype)
-    xf = x.astype(jnp.float32)
-    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.epsilon)
-    if self.offset:
-      return (normed * (self.offset + w.astype(jnp.float32))).astype(self.dtype)
-    return w.astype(self.dtype) * normed.astype(self.dtype)
+    return hf_rms_norm(x, w, epsilon=self.epsilon, offset=self.offset, dtype=self.dtype)
 
 
 class _Attention(nn.Module):
@@ -79,6 +72,7 @@ class _Attention(nn.Module):
               use_bias=cfg.attention_bias, name="k_proj")(x)  # [B, S, Hkv, D]
     v = dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
               use_bias=cfg.attention_bias, name="v_proj")(x)  # [B, S, Hkv, D]
+    cos, sin = cos[:, :, None], sin[:, :, None]   # [B, S, 1, D]: every head
     q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
     q = constrain(q, ("act_batch", "act_length", "act_heads", None))
     k = constrain(k, ("act_batch", "act_length", "act_kv_heads", None))

@@ -113,17 +113,17 @@ def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float,
   return jnp.cos(emb), jnp.sin(emb)
 
 
-def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Applies precomputed cos/sin [B, S, D] to x [B, S, H, D] (result in x.dtype)."""
-  cos = cos[:, :, None, :].astype(x.dtype)
-  sin = sin[:, :, None, :].astype(x.dtype)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return x * cos + rotated * sin
+def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array, axis: int = -1) -> jax.Array:
+  """Applies precomputed cos/sin, broadcastable against x, to x rotated along
+  ``axis`` (its head_dim): x [B, S, H, D] with cos [B, S, 1, D], or CPU decoding's
+  feature-major x [H, D, N] with cos [D, N] and axis 1. Result in x.dtype."""
+  x1, x2 = jnp.split(x, 2, axis=axis)
+  rotated = jnp.concatenate([-x2, x1], axis=axis)
+  return x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
                rope_scaling: RopeScaling = None) -> jax.Array:
   """Rotates x [B, S, H, D] by integer positions [B, S]."""
   cos, sin = rope_cos_sin(positions, x.shape[-1], theta, rope_scaling)
-  return rotate(x, cos, sin)
+  return rotate(x, cos[:, :, None], sin[:, :, None])
