@@ -255,13 +255,18 @@ def test_layer_layouts_decode_alike(setup, strategy, options):
 
 def test_decoding_layout_is_out_by_in_and_made_once(setup):
   """``unstack_layers``: every kernel an [out, in] matrix holding the same numbers
-  (the LM head as ``kernel_t``); applied again, it changes nothing."""
+  (keys' and values' stacked; the LM head as ``kernel_t``); applied again, it
+  changes nothing."""
   _, model, params, _, _ = setup
   cfg, once = model.config, llm.unstack_layers(params)
   layer, stacked = once["layers"][1], params["layers"]
   q = np.asarray(stacked["self_attn"]["q_proj"]["kernel"][1])               # [E, H, D]
   np.testing.assert_array_equal(layer["self_attn"]["q_proj"]["kernel"],
                                 q.reshape(cfg.hidden_dim, -1).T)
+  k, v = (np.asarray(stacked["self_attn"][n]["kernel"][1]).reshape(cfg.hidden_dim, -1).T
+          for n in ("k_proj", "v_proj"))                                   # [Hkv*D, E]
+  np.testing.assert_array_equal(layer["self_attn"]["kv_proj"]["kernel"], np.concatenate([k, v]))
+  assert "k_proj" not in layer["self_attn"] and "v_proj" not in layer["self_attn"]
   o = np.asarray(stacked["self_attn"]["o_proj"]["kernel"][1])               # [H, D, E]
   np.testing.assert_array_equal(layer["self_attn"]["o_proj"]["kernel"],
                                 o.reshape(-1, cfg.hidden_dim).T)

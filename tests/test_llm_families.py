@@ -149,15 +149,25 @@ def test_windowed_cached_decoding_matches_full_forward(family):
   full = np.asarray(family["forward"](params, ids, mask))
 
   @functools.partial(jax.jit, static_argnums=4)
-  def step(params, ids, mask, cache, per_layer):
+  def step(params, ids, mask, cache, per_layer, logit_positions=None):
     layer_params = llm.layer_list(params) if per_layer else None
     return model.apply({"params": params}, ids, attention_mask=mask, cache=cache,
-                       layer_params=layer_params)
+                       layer_params=layer_params, logit_positions=logit_positions)
 
   prefill, real = 256, mask.astype(bool)
   for per_layer in (False, True):   # the layer scan; the layers one by one
     cache = llm.init_cache(model.config, 3, SEQ, per_layer=per_layer)
     logits, cache = step(params, ids[:, :prefill], mask[:, :prefill], cache, per_layer)
+    # Only some rows wanted: one by one, the last layer (windowed in qwen2) runs its
+    # queries and MLP on them alone; logits and the cache must not change.
+    keep = np.array([[0, 131, 255], [40, 100, 255], [5, 99, 200]])
+    kept, kept_cache = step(params, ids[:, :prefill], mask[:, :prefill],
+                            llm.init_cache(model.config, 3, SEQ, per_layer=per_layer),
+                            per_layer, keep)
+    np.testing.assert_allclose(kept, np.take_along_axis(full, keep[..., None], axis=1),
+                               atol=1e-4, rtol=0, err_msg=f"per_layer={per_layer}")
+    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-5, rtol=0),
+                 kept_cache, cache)
     pieces = [np.asarray(logits)]
     for t in range(prefill, SEQ):
       logits, cache = step(params, ids[:, t:t + 1], mask[:, t:t + 1], cache, per_layer)

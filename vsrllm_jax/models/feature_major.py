@@ -30,7 +30,10 @@ _IN_AXES = {("self_attn", "q_proj"): 1, ("self_attn", "k_proj"): 1,
 
 def decoding_layout(layer: dict) -> dict:
   """One layer's linen params (``DecoderLayer``) -> the same tree with each kernel an
-  ``[out, in]`` matrix and each bias a vector; norm scales as they are."""
+  ``[out, in]`` matrix and each bias a vector; norm scales as they are. Keys' and
+  values' projections are stacked into one ``kv_proj`` (keys' rows first): in a
+  one-token step, q and k/v then run as two equal matmuls side by side, one per
+  thread (measured: 151 -> 118 us per layer, against q beside v, then k)."""
   out = {name: dict(sub) for name, sub in layer.items()}
   for (block, proj), n_in in _IN_AXES.items():
     p = dict(layer[block][proj])
@@ -39,15 +42,24 @@ def decoding_layout(layer: dict) -> dict:
     if "bias" in p:
       p["bias"] = jnp.reshape(p["bias"], (-1,))
     out[block][proj] = p
+  attn = out["self_attn"]
+  k, v = attn.pop("k_proj"), attn.pop("v_proj")
+  attn["kv_proj"] = {name: jnp.concatenate([k[name], v[name]], axis=0) for name in k}
   return out
 
 
-def run_layers(cfg: LlmConfig, layer_params, x, kv, cos, sin, masks, write_index):
+def run_layers(cfg: LlmConfig, layer_params, x, kv, cos, sin, masks, write_index, keep=None):
   """The layers on ``decoding_layout`` params: x [B, S, E] -> (x [B, S, E], kv).
 
   ``kv``: None, or per-layer key buffers [B, Hkv, D, Smax] and value buffers
   [B, Hkv, Smax, D] (``init_cache(per_layer=True)``), written at ``write_index``.
   ``masks`` and ``cos``/``sin`` [B, S, D] are ``LlamaModel.__call__``'s.
+  ``keep`` [B, P] (positions; None: all): only these rows of the output are
+  wanted (a prompt's logit positions). The last layer then runs its queries,
+  attention output and MLP on them alone, and x comes back [B, P, E]; its keys
+  and values still cover every position. Each position's output depends on the
+  others only through keys and values, so the kept rows are the same; this
+  saves ~1/L of a prompt's matmul work (11% for an 8-layer model).
   """
   if len(layer_params) != cfg.num_layers:
     raise ValueError(f"layer_params has {len(layer_params)} layers; the config has "
@@ -57,22 +69,29 @@ def run_layers(cfg: LlmConfig, layer_params, x, kv, cos, sin, masks, write_index
                      "init_cache(..., per_layer=True)")
   b, s, e = x.shape
   xt = x.reshape(b * s, e).T                                    # [E, N]
-  cos_t = cos.reshape(b * s, -1).T                              # [D, N]
-  sin_t = sin.reshape(b * s, -1).T
+  rot = (cos.reshape(b * s, -1).T, sin.reshape(b * s, -1).T)   # [D, N] each
   mask, rel, _ = masks
   keys, values = [], []
+  last = cfg.num_layers - 1
   for i, (params, window) in enumerate(zip(layer_params, cfg.layer_windows())):
     layer_mask = mask if rel is None or window == NO_WINDOW else \
         mask & (rel < window)[:, None]
     layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+    cols = None
+    if i == last and keep is not None:
+      keep = jnp.asarray(keep, jnp.int32)                       # [B, P]
+      cols = (jnp.arange(b, dtype=jnp.int32)[:, None] * s + keep).reshape(-1)   # [B * P]
+      rows = jnp.broadcast_to(keep[:, None, :, None], (b, 1) + keep.shape[1:] + (1,))
+      layer_mask = jnp.take_along_axis(
+          jnp.broadcast_to(layer_mask, (b,) + layer_mask.shape[1:]), rows, axis=2)
     h, layer_kv = _attention(cfg, params["self_attn"], _norm(cfg, params["input_layernorm"], xt),
-                             cos_t, sin_t, layer_mask, layer_kv, write_index, (b, s))
-    xt = xt + h
+                             rot, layer_mask, layer_kv, write_index, (b, s), cols)
+    xt = (xt if cols is None else xt[:, cols]) + h
     xt = xt + _mlp(cfg, params["mlp"], _norm(cfg, params["post_attention_layernorm"], xt))
     if layer_kv is not None:
       keys.append(layer_kv[0])
       values.append(layer_kv[1])
-  x = xt.T.reshape(b, s, e)
+  x = xt.T.reshape(b, -1, e)
   return x, (None if kv is None else (tuple(keys), tuple(values)))
 
 
@@ -91,14 +110,22 @@ def _norm(cfg: LlmConfig, params, xt):
                      offset=cfg.norm_offset, dtype=dtype_from_name(cfg.dtype), axis=0)
 
 
-def _attention(cfg: LlmConfig, params, xt, cos_t, sin_t, mask, kv, write_index, bs):
-  """``llm._Attention`` on [E, N] (``layers.grouped_attention`` over the cache layout)."""
+def _attention(cfg: LlmConfig, params, xt, rot, mask, kv, write_index, bs, cols=None):
+  """``llm._Attention`` on [E, N] (``layers.grouped_attention`` over the cache layout).
+
+  rot: (cos, sin) [D, N]. ``cols`` (None: all): the columns that get queries, and
+  so output columns; mask [B, 1, P, Sk] then holds their rows.
+  """
   dtype = dtype_from_name(cfg.dtype)
   b, s = bs
   h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  q = rope.rotate(_dense(params["q_proj"], xt, dtype).reshape(h, d, -1), cos_t, sin_t, axis=1)
-  k = rope.rotate(_dense(params["k_proj"], xt, dtype).reshape(hkv, d, -1), cos_t, sin_t, axis=1)
-  v = _dense(params["v_proj"], xt, dtype).reshape(hkv, d, b, s)
+  cos_t, sin_t = rot
+  xq, cos_q, sin_q = (xt, cos_t, sin_t) if cols is None else \
+      (xt[:, cols], cos_t[:, cols], sin_t[:, cols])
+  q = rope.rotate(_dense(params["q_proj"], xq, dtype).reshape(h, d, -1), cos_q, sin_q, axis=1)
+  kv_new = _dense(params["kv_proj"], xt, dtype)                   # [2 * Hkv * D, N]
+  k = rope.rotate(kv_new[:hkv * d].reshape(hkv, d, -1), cos_t, sin_t, axis=1)
+  v = kv_new[hkv * d:].reshape(hkv, d, b, s)
   k = jnp.transpose(k.reshape(hkv, d, b, s), (2, 0, 1, 3))      # [B, Hkv, D, S]
   v = jnp.transpose(v, (2, 0, 3, 1))                            # [B, Hkv, S, D]
   if kv is not None:
@@ -106,9 +133,9 @@ def _attention(cfg: LlmConfig, params, xt, cos_t, sin_t, mask, kv, write_index, 
     k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (zero, zero, zero, write_index))
     v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (zero, zero, write_index, zero))
     kv = (k, v)
-  q = jnp.transpose(q.reshape(hkv, h // hkv, d, b, s), (3, 0, 1, 4, 2))  # [B, Hkv, G, S, D]
-  out = grouped_attention(q, k, v, mask, dtype=dtype)                # [B, Hkv, G, S, D]
-  out = jnp.transpose(out, (1, 2, 4, 0, 3)).reshape(h * d, b * s)  # [H*D, N]
+  q = jnp.transpose(q.reshape(hkv, h // hkv, d, b, -1), (3, 0, 1, 4, 2))  # [B, Hkv, G, P, D]
+  out = grouped_attention(q, k, v, mask, dtype=dtype)                 # [B, Hkv, G, P, D]
+  out = jnp.transpose(out, (1, 2, 4, 0, 3)).reshape(h * d, -1)       # [H*D, B*P]
   return _dense(params["o_proj"], out, dtype), kv
 
 

@@ -210,7 +210,8 @@ class LlamaModel(nn.Module):
     attention_mask [B, S] (1 = real). Attention is causal and over real keys
     only. Default positions are the running count of real tokens (continued
     from ``cache['positions']`` with a cache). ``logit_positions`` [B, P]
-    restricts the final norm + LM head to those sequence positions.
+    restricts the final norm + LM head to those sequence positions (with
+    ``layer_params``, the last layer's queries and MLP as well).
     ``right_padded``: the caller promises every row is real tokens then padding
     (``pack_right``), so fused attention may run causal with sequence lengths.
     ``layer_params`` (``layer_list(params)``): the layers run one by one, each
@@ -271,9 +272,10 @@ class LlamaModel(nn.Module):
                          "layer_params (layer_list(params))")
       (x, kv, _), _ = self.layers((x, kv, jnp.int32(0)), cos, sin, masks, write_index)
     else:
-      x, kv = feature_major.run_layers(cfg, layer_params, x, kv, cos, sin, masks, write_index)
+      x, kv = feature_major.run_layers(cfg, layer_params, x, kv, cos, sin, masks, write_index,
+                                       keep=logit_positions)   # x: [B, P, E] when kept
 
-    if logit_positions is not None:
+    if logit_positions is not None and layer_params is None:
       x = jnp.take_along_axis(x, jnp.asarray(logit_positions, jnp.int32)[..., None], axis=1)
     x = self.final_norm(x)  # [B, P, E]
     if cfg.tie_word_embeddings:
