@@ -9,7 +9,10 @@ out]``; no difference for a prompt's 800 rows). So this path keeps each
 layer's kernels as ``[out, in]`` matrices (``decoding_layout``, made once per
 set of weights) and the residual stream as ``[E, tokens]``, and transposes only
 activations at the edges. The math is ``llm.DecoderLayer``'s, op for op in the
-same dtypes; the family tests hold the two to the same logits and tokens.
+same dtypes; the family tests hold the two to the same logits and tokens. Two
+more savings, both exact: keys' and values' projections are one stacked matrix,
+and a prompt's last layer runs queries and MLP only where logits are wanted
+(``run_layers``' ``keep``).
 """
 from __future__ import annotations
 
