@@ -74,19 +74,18 @@ def run_layers(cfg: LlmConfig, layer_params, x, kv, cos, sin, masks, write_index
   xt = x.reshape(b * s, e).T                                    # [E, N]
   rot = (cos.reshape(b * s, -1).T, sin.reshape(b * s, -1).T)   # [D, N] each
   mask, rel, _ = masks
+  if keep is not None:   # the kept rows as columns of [E, N]
+    keep = jnp.asarray(keep, jnp.int32)                                        # [B, P]
+    keep_cols = (jnp.arange(b, dtype=jnp.int32)[:, None] * s + keep).reshape(-1)  # [B * P]
   keys, values = [], []
-  last = cfg.num_layers - 1
   for i, (params, window) in enumerate(zip(layer_params, cfg.layer_windows())):
     layer_mask = mask if rel is None or window == NO_WINDOW else \
         mask & (rel < window)[:, None]
     layer_kv = None if kv is None else (kv[0][i], kv[1][i])
     cols = None
-    if i == last and keep is not None:
-      keep = jnp.asarray(keep, jnp.int32)                       # [B, P]
-      cols = (jnp.arange(b, dtype=jnp.int32)[:, None] * s + keep).reshape(-1)   # [B * P]
-      rows = jnp.broadcast_to(keep[:, None, :, None], (b, 1) + keep.shape[1:] + (1,))
-      layer_mask = jnp.take_along_axis(
-          jnp.broadcast_to(layer_mask, (b,) + layer_mask.shape[1:]), rows, axis=2)
+    if keep is not None and i == cfg.num_layers - 1:
+      cols = keep_cols
+      layer_mask = jnp.take_along_axis(layer_mask, keep[:, None, :, None], axis=2)  # [B,1,P,Sk]
     h, layer_kv = _attention(cfg, params["self_attn"], _norm(cfg, params["input_layernorm"], xt),
                              rot, layer_mask, layer_kv, write_index, (b, s), cols)
     xt = (xt if cols is None else xt[:, cols]) + h
