@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs.common import get_base_config
+from tests.helpers.numerics import assert_close
 from tests.tiny import small_data_config
 from vsrllm_jax.data import synthetic_lips
 from vsrllm_jax.data import visemes
@@ -128,9 +129,8 @@ def test_frozen_path_uses_running_averages_and_the_3d_stem():
   stem_vars = {"params": {"kernel": np.random.default_rng(2).normal(
       size=(5, 7, 7, 1, 4)).astype(np.float32)}}
   conv3d = nn.Conv(4, (5, 7, 7), (1, 2, 2), padding=((2, 2), (3, 3), (3, 3)), use_bias=False)
-  np.testing.assert_allclose(np.asarray(StemConv(4).apply(stem_vars, x)),
-                             np.asarray(conv3d.apply(stem_vars, x)),
-                             rtol=1e-5, atol=1e-5)
+  assert_close(StemConv(4).apply(stem_vars, x), conv3d.apply(stem_vars, x), rtol=1e-5,
+               atol_frac=1e-6)
 
 
 def test_viseme_ids_match_the_timeline():

@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers
 
+from tests.helpers.numerics import assert_close
 from vsrllm_jax.models import generation, llm
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -96,7 +97,7 @@ def test_logits_match_transformers_right_padded(family):
   expected, real = family["expected"], family["mask"].astype(bool)
   assert got.shape == expected.shape and got.dtype == np.float32
   assert np.abs(expected[real]).max() > 0.3  # logits O(1): the tolerance means something
-  np.testing.assert_allclose(got[real], expected[real], atol=1e-4, rtol=0)
+  assert_close(got[real], expected[real], rtol=1e-4, atol_frac=1e-5)
 
 
 def test_greedy_generation_matches_transformers(family):
@@ -130,8 +131,8 @@ def test_save_pretrained_loads_back_in_transformers(family, tmp_path):
   hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
   assert hf.config.model_type == family["hf"].config.model_type
   ids, mask, real = family["ids"], family["mask"], family["mask"].astype(bool)
-  np.testing.assert_allclose(_hf_logits(hf.eval(), ids, mask)[real], family["expected"][real],
-                             atol=1e-4, rtol=0)
+  assert_close(_hf_logits(hf.eval(), ids, mask)[real], family["expected"][real], rtol=1e-4,
+               atol_frac=1e-5)
   model2, params2 = llm.from_pretrained(tmp_path)
   assert model2.config == model.config
   jax.tree.map(np.testing.assert_array_equal, params2, params)
@@ -164,17 +165,16 @@ def test_windowed_cached_decoding_matches_full_forward(family):
     kept, kept_cache = step(params, ids[:, :prefill], mask[:, :prefill],
                             llm.init_cache(model.config, 3, SEQ, per_layer=per_layer),
                             per_layer, keep)
-    np.testing.assert_allclose(kept, np.take_along_axis(full, keep[..., None], axis=1),
-                               atol=1e-4, rtol=0, err_msg=f"per_layer={per_layer}")
-    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-5, rtol=0),
-                 kept_cache, cache)
+    assert_close(kept, np.take_along_axis(full, keep[..., None], axis=1), rtol=1e-4,
+                 atol_frac=1e-5, err_msg=f"per_layer={per_layer}")
+    jax.tree.map(functools.partial(assert_close, rtol=1e-5, atol_frac=1e-6), kept_cache, cache)
     pieces = [np.asarray(logits)]
     for t in range(prefill, SEQ):
       logits, cache = step(params, ids[:, t:t + 1], mask[:, t:t + 1], cache, per_layer)
       pieces.append(np.asarray(logits))
     cached = np.concatenate(pieces, axis=1)
-    np.testing.assert_allclose(cached[real], full[real], atol=1e-4, rtol=0,
-                               err_msg=f"per_layer={per_layer}")
+    assert_close(cached[real], full[real], rtol=1e-4, atol_frac=1e-5,
+                 err_msg=f"per_layer={per_layer}")
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     np.testing.assert_array_equal(np.asarray(cache["key_positions"])[real], positions[real])
 

@@ -18,10 +18,10 @@ def test_lm_cross_entropy_matches_numpy_and_ignores_padding():
   lp = _np_log_softmax(logits, -1)
   want = -np.take_along_axis(lp, targets[..., None], -1)[..., 0][mask].mean()
   got = float(losses.lm_cross_entropy(logits, targets, mask))
-  assert got == pytest.approx(want, abs=1e-5)
+  assert got == pytest.approx(want, rel=1e-5)
   logits2 = logits.copy()
   logits2[0, 3] = 100.0           # a padded position cannot matter
-  assert float(losses.lm_cross_entropy(logits2, targets, mask)) == pytest.approx(got, abs=1e-6)
+  assert float(losses.lm_cross_entropy(logits2, targets, mask)) == pytest.approx(got, rel=1e-6)
 
 
 def test_info_nce_matches_numpy():
@@ -33,11 +33,11 @@ def test_info_nce_matches_numpy():
   l_ab = -np.diag(_np_log_softmax(sim, 1))
   l_ba = -np.diag(_np_log_softmax(sim, 0))
   want = (0.5 * (l_ab + l_ba)).mean()
-  assert float(losses.info_nce(a, b, 0.2)) == pytest.approx(want, abs=1e-4)
+  assert float(losses.info_nce(a, b, 0.2)) == pytest.approx(want, rel=1e-4)
   valid = np.array([1, 1, 1, 0, 0], bool)
   sim3 = sim[:3, :3]
   want3 = (0.5 * (-np.diag(_np_log_softmax(sim3, 1)) - np.diag(_np_log_softmax(sim3, 0)))).mean()
-  assert float(losses.info_nce(a, b, 0.2, valid)) == pytest.approx(want3, abs=1e-4)
+  assert float(losses.info_nce(a, b, 0.2, valid)) == pytest.approx(want3, rel=1e-4)
 
 
 def test_weighted_total_and_name_checks():

@@ -20,6 +20,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
+from tests.helpers.numerics import assert_close
 from tests.image_fixtures import perturbed
 from vsrllm_jax import sharding
 from vsrllm_jax.models import vision_checkpoint, vision_tower
@@ -94,7 +95,7 @@ def test_features_match_transformers(checkpoints, images, name, feature_layer, d
     want = want[:, 1:]
   assert features.shape == want.shape == (2, config.num_features, 32)
   assert not np.allclose(ref["hidden"][-1], ref["hidden"][-2], atol=1e-2)  # layers do something
-  np.testing.assert_allclose(features, want, atol=1e-4, rtol=0)
+  assert_close(features, want, rtol=1e-4, atol_frac=1e-5)
   assert mask.shape == features.shape[:2] and mask.dtype == bool and mask.all()
   assert config.layers_used == feature_layer % (VISION["num_hidden_layers"] + 1)
 
@@ -102,7 +103,7 @@ def test_features_match_transformers(checkpoints, images, name, feature_layer, d
 def test_clip_post_layernorm_gives_the_pooled_class_token(checkpoints, images):
   ref = checkpoints["clip"]
   _, features, _ = _features(ref["path"], images, post_layernorm=True)
-  np.testing.assert_allclose(features[:, 0], ref["pooled"], atol=1e-4, rtol=0)
+  assert_close(features[:, 0], ref["pooled"], rtol=1e-4, atol_frac=1e-5)
 
 
 def test_preprocessor_config_sets_pixel_statistics(checkpoints, images):
@@ -123,7 +124,7 @@ def test_float_images_in_unit_range_match_uint8(checkpoints, images):
   tower = vision_tower.VisionTower(config)
   a, _ = tower.apply({"params": params}, images)
   b, _ = tower.apply({"params": params}, images.astype(np.float32) / 255.0)
-  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+  assert_close(a, b, rtol=1e-5, atol_frac=1e-6)
 
 
 def test_bfloat16_load_is_close_to_float32(checkpoints, images):

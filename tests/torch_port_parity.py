@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers.numerics import assert_close
 from tests.tiny import random_batch, tiny_config
 from vsrllm_jax import torch_layout
 from vsrllm_jax.models import build as build_lib
@@ -18,7 +19,7 @@ from vsrllm_jax.models import projectors as jax_projectors
 from vsrllm_jax.models.vsr_model import VSRModel
 from vsrllm_jax.torch_port import projectors as torch_projectors
 
-TOL = 1e-4
+RTOL, ATOL_FRAC = 1e-4, 1e-5   # fp32 parity (tests.helpers.numerics.assert_close)
 
 
 def random_params(boxed, seed: int, scale: float = 0.2):
@@ -87,7 +88,7 @@ def run_case(name: str, fields: dict, encoded: dict):
 
 
 def assert_matches(label: str, want, got) -> None:
-  """Same masks; tokens within TOL on real positions (and not a vacuous comparison)."""
+  """Same masks; tokens within RTOL/ATOL_FRAC on real positions (and not a vacuous comparison)."""
   (want, want_mask), (got, got_mask) = want, got
   assert got.shape == want.shape and got.dtype == np.float32, (got.shape, want.shape)
   np.testing.assert_array_equal(got_mask, want_mask)
@@ -96,7 +97,7 @@ def assert_matches(label: str, want, got) -> None:
   assert np.abs(real).max() > 0.1, "a vacuous comparison: the outputs are (near) zero"
   err = float(np.abs(got[got_mask] - real).max())
   print(f"\n{label}: max abs error {err:.3g} on {int(want_mask.sum())} real tokens")
-  assert err <= TOL, (label, err)
+  assert_close(got[got_mask], real, rtol=RTOL, atol_frac=ATOL_FRAC, err_msg=label)
 
 
 def assert_config_fields_match(name: str) -> None:
