@@ -4,7 +4,7 @@ r"""Train-step compile time against LLM depth (layers under nn.scan: should stay
 
 Builds the config's model with a random LLM of --shallow and --deep layers
 (the config's widths otherwise; random encoder too), and times lower + compile
-of the jitted train step (train_step.make_train_step, as in
+of the jitted train step (training.step.make_train_step, as in
 train_step_time.py) on a cached-features batch, --repeats fresh compiles each
 (``jax.clear_caches()`` in between). Prints JSON lines per depth and the ratio
 deep / shallow of the medians (goal <= 1.5).
@@ -21,11 +21,13 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
-from tests.tiny import random_batch  # noqa: E402
-from vsrllm_jax import sharding, train_state, train_step  # noqa: E402
+from vsrllm_jax import sharding  # noqa: E402
+from vsrllm_jax.data.batch import random_batch, with_features  # noqa: E402
 from vsrllm_jax.models import build as build_lib  # noqa: E402
+from vsrllm_jax.models import encoders  # noqa: E402
+from vsrllm_jax.run import state as state_lib  # noqa: E402
+from vsrllm_jax.training import step as step_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/conv_abstractor.py", "Config file.",
                                           lock_config=True)
@@ -33,18 +35,6 @@ _SHALLOW = flags.DEFINE_integer("shallow", 4, "LLM layers of the shallow model."
 _DEEP = flags.DEFINE_integer("deep", 32, "LLM layers of the deep model.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Fresh compiles per depth.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 64, "LLM vocabulary (random init).")
-
-
-def _features_batch(config, model) -> dict:
-  """A cached-features batch: encoder features instead of video (the default run's input)."""
-  batch = random_batch(config, config.batch_size)
-  rng = np.random.default_rng(1)
-  mask = batch.pop("video_mask")
-  del batch["video"]
-  batch["features"] = rng.normal(size=mask.shape + (model.encoder_config.hidden_dim,)).astype(
-      np.float32)
-  batch["features_mask"] = mask
-  return batch
 
 
 def _setup(config, layers: int):
@@ -57,9 +47,12 @@ def _setup(config, layers: int):
     config.llm.num_layers = layers
   mesh = sharding.make_mesh(config.mesh.shape)
   model = build_lib.build_model(config)
-  state, shardings, labels, tx, schedules = train_state.create_with_optimizer(model, config, mesh)
-  batch = sharding.global_batch(_features_batch(config, model), mesh)
-  make = lambda: train_step.make_train_step(model, tx, labels, config, schedules, shardings, mesh)
+  layout = state_lib.layout(model, config, mesh)
+  state = state_lib.create(model, config, layout)
+  batch = with_features(random_batch(config, config.batch_size),
+                        encoders.feature_dim(model.encoder_config), seed=1)
+  batch = sharding.global_batch(batch, mesh)
+  make = lambda: step_lib.make_train_step(model, config, layout)
   return make, state, batch
 
 

@@ -5,10 +5,8 @@ r"""Greedy decoding speed: our jitted decoder against transformers ``generate()`
 Both sides run the same random weights (a transformers Llama saved with
 ``save_pretrained`` and read with our loader), fp32, the same token prompts,
 greedy with EOS disabled so both produce exactly --new_tokens tokens per row
-(prefill of the prompt + one step per further token). Our params are held in
-our decoding layout (``llm.unstack_layers`` on CPU: per layer, [out, in]; made
-once, as a predictor does before a split, and not timed), as transformers holds
-one [out, in] tensor per layer. torch runs with
+(prefill of the prompt + one step per further token): ours is the one decoder
+layer under the layer scan, as training runs it, with a KV cache. torch runs with
 --threads threads and its default (sdpa) attention, under inference_mode.
 Prints JSON lines: compile time (ours, separate), then the median over --runs
 timed runs of each side, new tokens per second, the ratio (goal >= 2), and the
@@ -55,7 +53,8 @@ def main():
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from vsrllm_jax.models import generation, llm  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax.inference import generation  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax.models import hf_checkpoint  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(a.threads)
   transformers.utils.logging.disable_progress_bar()
@@ -73,12 +72,8 @@ def main():
 
   with tempfile.TemporaryDirectory() as tmp:
     hf.save_pretrained(tmp)
-    model, params = llm.from_pretrained(tmp, dtype="float32", param_dtype="float32")
+    model, params = hf_checkpoint.from_pretrained(tmp, dtype="float32", param_dtype="float32")
   params = jax.device_put(params)
-  # Held in the layout our decoding reads (on CPU: the layers unstacked), as the
-  # predictor does once before decoding a split; loading, not decoding.
-  if generation.default_unstack_layers():
-    params = jax.block_until_ready(jax.jit(llm.unstack_layers)(params))
   gen = jax.jit(functools.partial(generation.greedy_generate_from_ids, model,
                                   max_new_tokens=a.new_tokens, eos_id=-1, pad_id=0))
   ids_j = jax.device_put(ids.astype(np.int32))

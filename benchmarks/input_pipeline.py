@@ -2,7 +2,7 @@ r"""Input pipeline throughput of lrs3_manifest: mp4 storage vs decoded frames, C
 
   python benchmarks/input_pipeline.py [--clips 300] [--runs 5] [--crf 23]
 
-Builds a synthetic LRS3-like tree (``lrs3_fixture.synthetic_clips``: 96x96
+Builds a synthetic LRS3-like tree (``lrs3_layout.synthetic_clips``: 96x96
 mouth clips of 58-75 frames, h264 yuv420p at --crf, 23 being ffmpeg's default
 lossy quality like real LRS3 crops), prepares it with both storages, then
 times one pass over the train split in a fixed shuffled order: read the
@@ -49,14 +49,16 @@ def main():
   tfds.disable_progress_bar()
   # pylint: disable=g-import-not-at-top
   from vsrllm_jax.data import avhubert_preprocess as pre
-  from vsrllm_jax.data import lrs3_fixture, lrs3_manifest, video_io
+  from vsrllm_jax.data.synthetic import lrs3_layout
+  from vsrllm_jax.data.datasets import lrs3
+  from vsrllm_jax.data import video_io
   # pylint: enable=g-import-not-at-top
 
   work = a.workdir or tempfile.mkdtemp(prefix="lrs3_bench_")
   manual = os.path.join(work, "manual")
   t0 = time.perf_counter()
-  clips = lrs3_fixture.synthetic_clips(a.clips, task_names=("vsr", "vst_es", "vst_fr"))
-  tree = lrs3_fixture.write_lrs3_like_tree(manual, clips, "train", crf=a.crf)
+  clips = lrs3_layout.synthetic_clips(a.clips, task_names=("vsr", "vst_es", "vst_fr"))
+  tree = lrs3_layout.write_lrs3_like_tree(manual, clips, "train", crf=a.crf)
   frames = [len(c[1]) for c in clips]
   print(json.dumps({"setup": "synthetic LRS3-like tree", "clips": a.clips, "crf": a.crf,
                     "mean_frames": round(float(np.mean(frames)), 1),
@@ -69,10 +71,10 @@ def main():
   passes, info = {}, {}
   data_dir = tempfile.mkdtemp(prefix="data_", dir=work)  # fresh: the build is timed too
   for storage in ("mp4", "frames"):
-    opts = lrs3_manifest.Lrs3ManifestOptions(manual_dir=manual, splits=(("train", "train"),),
+    opts = lrs3.Lrs3ManifestOptions(manual_dir=manual, splits=(("train", "train"),),
                                              storage=storage, build_threads=1)
     t0 = time.perf_counter()
-    builder = lrs3_manifest.prepare(opts, data_dir)
+    builder = lrs3.prepare(opts, data_dir)
     build_s = time.perf_counter() - t0
     source = builder.as_data_source(split="train")
     assert len(source) == a.clips, len(source)
@@ -80,7 +82,7 @@ def main():
     def one_pass(source=source):
       rng = np.random.default_rng(1)
       for i in order:
-        video = lrs3_manifest.decode_record(source[int(i)])["video"]
+        video = lrs3.decode_record(source[int(i)])["video"]
         pre.preprocess(video, rng, train=True)
     passes[storage] = one_pass
     info[storage] = {"bytes_per_clip": round(_dir_bytes(builder.data_dir, "lrs3_manifest-")

@@ -58,7 +58,7 @@ def child(path: str, mode: str) -> None:
   base_rss = _status_kb("VmRSS")
   base_hwm = _status_kb("VmHWM")
   t = time.perf_counter()
-  _, params = llm.from_pretrained(path, mesh=mesh, rules=rules)
+  _, params = hf_checkpoint.from_pretrained(path, mesh=mesh, rules=rules)
   jax.block_until_ready(params)
   load_s = time.perf_counter() - t
   peak_kb = _status_kb("VmHWM") - (base_rss if reset else base_hwm)

@@ -38,12 +38,15 @@ def time_train_step(config, batch, *, warmup: int, steps: int):
   ``steps`` timed steps after ``warmup`` untimed ones).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from vsrllm_jax import sharding, train_state, train_step  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax import sharding  # pylint: disable=g-import-not-at-top
   from vsrllm_jax.models import build as build_lib  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax.run import state as state_lib  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(config.mesh.shape)
   model = build_lib.build_model(config)
-  state, shardings, labels, tx, schedules = train_state.create_with_optimizer(model, config, mesh)
-  step = train_step.make_train_step(model, tx, labels, config, schedules, shardings, mesh)
+  layout = state_lib.layout(model, config, mesh)
+  state = state_lib.create(model, config, layout)
+  step = step_lib.make_train_step(model, config, layout)
   batch = sharding.global_batch(batch, mesh)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()

@@ -4,7 +4,7 @@ r"""MFU and memory of the projector train step at real LLM shapes (GPU/TPU; CPU 
   python benchmarks/mfu.py --shape=8b --batch=8 --seq=1024 --compile_only --devices=8
                                                                        # memory_analysis only
 
-The step is the real one (``train_step.make_train_step``): cached AV-HuBERT
+The step is the real one (``training.step.make_train_step``): cached AV-HuBERT
 Large features (1024-d, one visual token per frame through the ``mlp``
 projector) -> frozen Llama of the named shape, random-initialised, bf16 compute,
 frozen params stored bf16, the projector and its AdamW state fp32.
@@ -97,8 +97,11 @@ def main():
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
   import jax  # pylint: disable=g-import-not-at-top
-  from vsrllm_jax import sharding, throughput, train_state, train_step  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax import sharding  # pylint: disable=g-import-not-at-top
   from vsrllm_jax.models import build as build_lib  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax.run import state as state_lib  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax.run import throughput  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
   config = make_config(a)
   mesh = sharding.make_mesh(config.mesh.shape)
@@ -115,19 +118,16 @@ def main():
                                             sharding=sharding.batch_sharding(mesh, v.ndim))
                     for k, v in hb.items()}
 
+  layout = state_lib.layout(model, config, mesh)
   if a.compile_only:
-    state, labels, tx, schedules = train_state.abstract_state(model, config, mesh)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
+    state = layout.abstract()
   else:
     t = time.perf_counter()
-    state, shardings, labels, tx, schedules = train_state.create_with_optimizer(
-        model, config, mesh)
-    jax.block_until_ready(state)
+    state = jax.block_until_ready(state_lib.create(model, config, layout))
     print(json.dumps({"init_s": round(time.perf_counter() - t, 1)}), flush=True)
 
-  make = lambda: train_step.make_train_step(model, tx, labels, config, schedules, shardings, mesh)
   t = time.perf_counter()
-  compiled = make().lower(state, abstract_batch).compile()
+  compiled = step_lib.make_train_step(model, config, layout).lower(state, abstract_batch).compile()
   compile_s = time.perf_counter() - t
   mem = compiled.memory_analysis()
   gib = lambda b: round(b / 2**30, 2)
@@ -144,8 +144,7 @@ def main():
   flops = throughput.model_flops(model, state.params, state.model_state, abstract_batch)
   counted = throughput.counting_model(model)
   hardware = throughput.hardware_flops(
-      lambda: train_step.make_train_step(counted, tx, labels, config, schedules, shardings, mesh),
-      state, abstract_batch)
+      lambda: step_lib.make_train_step(counted, config, layout), state, abstract_batch)
   print(json.dumps({"model_tflop_per_step": round(flops["total"] / 1e12, 3),
                     "llm_tflop": round(flops["llm"] / 1e12, 3),
                     "projector_tflop": round(flops["projector"] / 1e12, 4),

@@ -1,17 +1,18 @@
 r"""Our projector train step against the PyTorch way, side by side, same shapes, CPU.
 
-  python benchmarks/step_time.py [--steps 10] [--batch 8 --frames 75 ...]
+  python benchmarks/step_time.py --peer=PATH/peer_torch_step.py [--steps 10] [--batch 8 ...]
 
-The peer is ../shared/benchmarks/peer_torch_step.py, run unchanged in a
-subprocess of this invocation at the same shapes and fp32: a frozen
+The peer script is not part of this repository: pass its path with --peer, or
+set VSRLLM_PEER_STEP. It runs unchanged in a subprocess of this invocation at
+the same shapes and fp32: a frozen
 transformers Llama fed ``[instruction | MLP(features) | label]`` as
 ``inputs_embeds``, training only the MLP with AdamW. Ours is the real train
-step (``train_step.make_train_step``) of the composed model on cached encoder
+step (``training.step.make_train_step``) of the composed model on cached encoder
 features with the ``mlp`` projector (the same Dense-GELU-Dense), the frozen
 LLM random-initialised at the same shape, AdamW on the projector only.
 Prints JSON lines: our compile time and median step, the peer's median, the
 ratio (goal >= 2.5), and the analytic FLOPs per step with the rate they imply
-(``vsrllm_jax.throughput``'s count: frozen LLM 2N forward + 2N activation-gradient
+(``vsrllm_jax.run.throughput``'s count: frozen LLM 2N forward + 2N activation-gradient
 per token plus attention, the projector's forward and both backward matmuls,
 the LM head at label positions only for us, at every position for the peer). Last line: this machine's fp32 matmul rate at the
 LLM's MLP shape, the step's floor at that rate, and the ratio a step with no
@@ -30,8 +31,7 @@ import numpy as np  # noqa: E402
 
 import machine_rates  # noqa: E402  (benchmarks/)
 
-PEER = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                    "shared", "benchmarks", "peer_torch_step.py")
+PEER_ENV = "VSRLLM_PEER_STEP"   # the peer script's path, when --peer is not given
 SHAPE_FLAGS = ("batch", "frames", "enc_dim", "instr_len", "label_len", "hidden", "layers",
                "heads", "kv_heads", "ffn", "vocab")
 
@@ -71,8 +71,8 @@ def analytic_flops(a) -> dict:
   """FLOPs of one step (multiply-add = 2), ours and the peer's, as vsrllm_jax.throughput
   counts them: frozen LLM forward + activation gradients (attention's backward has
   twice its forward's products), the MLP projector's forward, dX and dW."""
-  from vsrllm_jax import throughput  # pylint: disable=g-import-not-at-top
-  from vsrllm_jax.models.llm_config import LlmConfig  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax.run import throughput  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax.models.llm.config import LlmConfig  # pylint: disable=g-import-not-at-top
   cfg = LlmConfig(vocab_size=a.vocab, hidden_dim=a.hidden, num_layers=a.layers,
                   num_heads=a.heads, num_kv_heads=a.kv_heads, head_dim=a.hidden // a.heads,
                   mlp_dim=a.ffn)
@@ -92,8 +92,12 @@ def main():
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--threads", type=int, default=2, help="the peer's torch threads")
-  p.add_argument("--peer", default=PEER)
+  p.add_argument("--peer", default=os.environ.get(PEER_ENV),
+                 help=f"path of the peer script peer_torch_step.py (default: ${PEER_ENV})")
   a = p.parse_args()
+  if not a.peer or not os.path.isfile(a.peer):
+    p.error(f"the peer script is needed: pass --peer=PATH/peer_torch_step.py or set {PEER_ENV} "
+            f"(got {a.peer!r})")
 
   import jax  # pylint: disable=g-import-not-at-top
 

@@ -19,10 +19,9 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 import machine_rates  # noqa: E402  (benchmarks/)
-from tests.tiny import random_batch  # noqa: E402
+from vsrllm_jax.data import batch as batch_lib  # noqa: E402
 from vsrllm_jax.models import build as build_lib  # noqa: E402
 from vsrllm_jax.models import encoders  # noqa: E402
 
@@ -43,13 +42,9 @@ def main(argv):
   model = build_lib.build_model(config)          # a module description: no weights yet
   with config.unlocked():
     config.llm.vocab_size = model.llm_config.vocab_size
-  batch = random_batch(config, config.batch_size)
+  batch = batch_lib.random_batch(config, config.batch_size)
   if config.data.cache_features:
-    dim = encoders.feature_dim(model.encoder_config)
-    batch["features_mask"] = batch.pop("video_mask")
-    del batch["video"]
-    batch["features"] = np.random.default_rng(0).normal(
-        size=batch["features_mask"].shape + (dim,)).astype(np.float32)
+    batch = batch_lib.with_features(batch, encoders.feature_dim(model.encoder_config), seed=0)
   compile_s, times = machine_rates.time_train_step(config, batch, warmup=_WARMUP.value,
                                                    steps=_STEPS.value)
   print(json.dumps({"config": config.projector.name, "batch_size": config.batch_size,

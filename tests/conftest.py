@@ -24,5 +24,5 @@ def torch_single_thread():
 def encoded():
   """The padded batch every PyTorch-port parity test reads (``torch_port_parity``), built
   once for all of them; read-only (tests copy before they change it)."""
-  from tests.torch_port_parity import encoded_batch  # pylint: disable=g-import-not-at-top
+  from tests.helpers.torch_port_parity import encoded_batch  # pylint: disable=g-import-not-at-top
   return encoded_batch()

@@ -8,8 +8,9 @@ import grain.python as grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from vsrllm_jax import checkpoint
+from vsrllm_jax.run import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +39,8 @@ def test_round_trip_is_exact_and_restores_the_data_iterator(tmp_path):
   want_next = [next(it) for _ in range(2)]
 
   it2 = iter(_loader())
-  restored, meta = ckpts.restore(3, checkpoint.abstract_like(state), it2)
+  restored, meta = ckpts.restore(3, checkpoint.abstract_like(state))
+  ckpts.restore_data(3, it2)
   assert meta["step"] == 3 and meta["format_version"] == checkpoint.FORMAT_VERSION
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
     assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
@@ -68,7 +70,7 @@ def test_crash_during_save_leaves_previous_checkpoint_latest(tmp_path):
       sys.path.insert(0, {os.path.dirname(__file__)!r})
       import jax.numpy as jnp
       from test_checkpoint import _loader, _state
-      from vsrllm_jax import checkpoint
+      from vsrllm_jax.run import checkpoint
       ckpts = checkpoint.Checkpoints({str(tmp_path)!r}, keep=3)
       it = iter(_loader())
       next(it)
@@ -89,7 +91,33 @@ def test_crash_during_save_leaves_previous_checkpoint_latest(tmp_path):
   assert half_written, "the child should have died with step 2 half written"
   ckpts = checkpoint.Checkpoints(str(tmp_path), keep=3)
   assert ckpts.latest_step() == 1
-  restored, _ = ckpts.restore(1, checkpoint.abstract_like(_state(1)), iter(_loader()))
+  restored, _ = ckpts.restore(1, checkpoint.abstract_like(_state(1)))
+  ckpts.restore_data(1, iter(_loader()))
   np.testing.assert_array_equal(restored["params"]["w"], _state(1)["params"]["w"])
   leftovers = [p for p in os.listdir(tmp_path / checkpoint.LATEST_DIR) if p != "1"]
   assert leftovers == [], leftovers   # the half-written step 2 was cleaned up
+
+
+def test_weights_alone_restore_without_optimizer_or_data_state(tmp_path):
+  """What inference reads: params and model state only, from a checkpoint that holds more."""
+  ckpts = checkpoint.Checkpoints(str(tmp_path), keep=2)
+  state = dict(_state(4), opt_state={"mu": jnp.ones((5, 3))}, model_state={})
+  ckpts.save(4, state, iter(_loader()))
+  abstract = checkpoint.abstract_like({"params": state["params"], "model_state": {}})
+  weights, meta = ckpts.restore_weights(4, abstract)
+  assert set(weights) == {"params", "model_state"} and meta["step"] == 4
+  for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(weights["params"])):
+    assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+  ckpts.close()
+
+
+def test_select_names_what_exists(tmp_path):
+  ckpts = checkpoint.Checkpoints(str(tmp_path), keep=2)
+  with pytest.raises(FileNotFoundError, match="holds no checkpoint; pass --step"):
+    ckpts.select(None)
+  ckpts.save(2, _state(2), None)
+  ckpts.save_best(2, _state(2), 0.5)
+  assert ckpts.select(None) == (2, True) and ckpts.select(2) == (2, False)
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint 7 .* have \[2\]"):
+    ckpts.select(7)
+  ckpts.close()

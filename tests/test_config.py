@@ -22,14 +22,14 @@ def test_configs_build_and_lock(module):
     c.total_stepz = 3
   assert c.projector.name in projectors.names()
   # Exactly one weight per loss the projector produces (a run checks this again).
-  assert sorted(c.loss_weights) == sorted(["lm"] + base.produced_aux_losses(c.projector))
+  assert sorted(c.loss_weights) == sorted(["lm"] + projectors.loss_names(c.projector))
 
 
 @pytest.mark.parametrize("name", projectors.names())
 def test_base_config_runs_any_projector_with_its_own_losses(name):
   c = base.get_config(f"projector={name}")
   assert c.projector.name == name
-  assert sorted(c.loss_weights) == sorted(["lm"] + base.produced_aux_losses(c.projector))
+  assert sorted(c.loss_weights) == sorted(["lm"] + projectors.loss_names(c.projector))
   for loss in ("routing", "visual_text"):
     assert (loss in c.loss_weights) == (
         name.endswith("hierarchical_moe") if loss == "routing"

@@ -12,11 +12,14 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from tests import tiny_run_config
 from tests.helpers.numerics import assert_close
-from vsrllm_jax import checkpoint, convert, from_torch, resolve, sharding, torch_layout, train
-from vsrllm_jax import train_state
-from vsrllm_jax import workdir as workdir_lib
+from tests.helpers import tiny_run_config
+from vsrllm_jax.run import checkpoint, setup as setup_lib
+from vsrllm_jax import convert, from_torch, sharding, torch_layout
+from vsrllm_jax.training import loop
+from vsrllm_jax.run import open as open_lib
+from vsrllm_jax.run import state as state_lib
+from vsrllm_jax.run import workdir as workdir_lib
 from vsrllm_jax.models import build as build_lib
 
 
@@ -27,7 +30,7 @@ def run(tmp_path_factory):
   config.data.data_dir = str(tmp_path_factory.mktemp("data"))
   config.eval_every = 3
   config.batch_size = config.eval_batch_size = 8   # in-process: 8 simulated devices
-  train.train_and_evaluate(config, str(workdir))
+  loop.train_and_evaluate(config, str(workdir))
   return str(workdir)
 
 
@@ -56,10 +59,16 @@ def test_llm_dir_loads_in_transformers_with_the_checkpoint_weights(run, exported
   model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "llm"))
   tok = transformers.AutoTokenizer.from_pretrained(os.path.join(out, "llm"))
   assert tok.convert_tokens_to_ids(tok.eos_token) in meta["tokenizer"]["eos_ids"]
-  _, _, _, params, _, _, _ = convert._restore(run, None)  # pylint: disable=protected-access
+  _, _, params, _ = _opened(run)
   emb = np.asarray(params["llm"]["embed_tokens"]["embedding"])
   np.testing.assert_array_equal(model.get_input_embeddings().weight.detach().numpy(), emb)
   assert isinstance(model, torch.nn.Module)
+
+
+def _opened(run):
+  """(config, model, params, model_state) of the run's best checkpoint, on the host."""
+  trained = open_lib.open_run(run, on_host=True)
+  return (trained.config, trained.model) + trained.host_weights()
 
 
 def _assert_same(got, want):
@@ -72,7 +81,7 @@ def _assert_same(got, want):
 
 def test_jax_to_torch_files_to_jax_is_bit_identical(run, exported):
   out, _ = exported
-  config, _, model, params, model_state, _, _ = convert._restore(run, None)  # pylint: disable=protected-access
+  config, model, params, model_state = _opened(run)
   projector = torch_layout.from_state_dict(load_file(os.path.join(out, "projector.safetensors")),
                                            convert.projector_rules(model, config))
   _assert_same(projector["projector"], params["projector"])
@@ -129,10 +138,10 @@ def test_torch_export_imports_back_bit_identical_and_training_continues(run, exp
   new = str(tmp_path / "imported")
   step = from_torch.import_export(out, new)
   assert step == meta["source"]["step"]
-  config, _ = resolve.resolve_config(workdir_lib.load_config(new))
-  _, _, _, params, model_state, _, _ = convert._restore(run, None)  # pylint: disable=protected-access
-  abstract = train_state.abstract_state(build_lib.build_model(config), config,
-                                        sharding.make_mesh((1, 1, 1), jax.devices()[:1]))[0]
+  config, _ = setup_lib.resolve_config(workdir_lib.load_config(new))
+  _, _, params, model_state = _opened(run)
+  abstract = state_lib.layout(build_lib.build_model(config), config,
+                              sharding.make_mesh((1, 1, 1), jax.devices()[:1])).abstract()
   ckpts = checkpoint.Checkpoints(new, 2)
   state, restored_meta = ckpts.restore(step, abstract)
   ckpts.close()
@@ -145,7 +154,7 @@ def test_torch_export_imports_back_bit_identical_and_training_continues(run, exp
   spec.loader.exec_module(module)
   config = module.get_config()
   config.total_steps = step + 2
-  train.train_and_evaluate(config, new)
+  loop.train_and_evaluate(config, new)
   ckpts = checkpoint.Checkpoints(new, 2)
   assert ckpts.latest_step() == step + 2
   ckpts.close()
@@ -184,7 +193,7 @@ def test_exported_llm_logits_match_ours(run, exported):
   random, not a reference) gives our fp32 logits on a padded batch."""
   out, meta = exported
   assert meta["llm"] == {"dir": "llm", "trained": meta["llm"]["trained"]}   # a copy, no reference
-  _, _, model, params, _, _, _ = convert._restore(run, None)  # pylint: disable=protected-access
+  _, model, params, _ = _opened(run)
   assert {x.dtype for x in jax.tree.leaves(params["llm"])} == {np.dtype(np.float32)}
   ids, mask = _padded_batch(model.llm_config.vocab_size)
 

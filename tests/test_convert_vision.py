@@ -15,10 +15,13 @@ import transformers
 
 from configs import common
 from tests.helpers.numerics import assert_close
-from tests.image_fixtures import perturbed, write_caption_folder
+from tests.helpers.image_fixtures import perturbed, write_caption_folder
 from configs import image_caption
-from vsrllm_jax import checkpoint, convert, from_torch, resolve, sharding, train, train_state
-from vsrllm_jax import workdir as workdir_lib
+from vsrllm_jax.run import checkpoint, setup as setup_lib, state as state_lib
+from vsrllm_jax.run import open as open_lib
+from vsrllm_jax import convert, from_torch, sharding
+from vsrllm_jax.training import loop
+from vsrllm_jax.run import workdir as workdir_lib
 from vsrllm_jax.models import build as build_lib
 from vsrllm_jax.data import pipeline
 from vsrllm_jax.models import vision_checkpoint, vision_tower
@@ -157,7 +160,7 @@ def run(tmp_path_factory, towers):
   c.optim.schedules.main.warmup_steps = 1
   c.optim.schedules.main.hold_steps = 1
   workdir = str(root / "run")
-  train.train_and_evaluate(c, workdir)
+  loop.train_and_evaluate(c, workdir)
   return workdir
 
 
@@ -186,7 +189,9 @@ def test_run_export_holds_the_tower_and_transcribes_as_jax_does(run, exported, t
 def test_run_export_gives_our_visual_tokens_from_raw_images(run, exported):
   """The LLM's image inputs themselves (a few training steps leave greedy text image-blind)."""
   out, _ = exported
-  config, tok, model, params, model_state, _, _ = convert._restore(run, None)  # pylint: disable=protected-access
+  trained = open_lib.open_run(run, on_host=True)
+  config, tok, model = trained.config, trained.setup.tokenizer, trained.model
+  params, model_state = trained.host_weights()
   batch = next(pipeline.eval_batches(config.data, tok, "test", global_batch_size=8,
                                      source=pipeline.data_source(config.data, "test")))
   inputs = {k: batch[k] for k in ("video", "video_mask", "instruction_ids", "instruction_mask")}
@@ -210,11 +215,11 @@ def test_run_export_imports_back_bit_identical(run, exported, tmp_path):
   new = str(tmp_path / "imported")
   step = from_torch.import_export(out, new)
   assert step == meta["source"]["step"]
-  config, _ = resolve.resolve_config(workdir_lib.load_config(new))
+  config, _ = setup_lib.resolve_config(workdir_lib.load_config(new))
   assert config.encoder.path == os.path.join(os.path.abspath(out), "encoder")
-  _, _, _, params, _, _, _ = convert._restore(run, None)  # pylint: disable=protected-access
-  abstract = train_state.abstract_state(build_lib.build_model(config), config,
-                                        sharding.make_mesh((1, 1, 1), jax.devices()[:1]))[0]
+  params, _ = open_lib.open_run(run, on_host=True).host_weights()
+  abstract = state_lib.layout(build_lib.build_model(config), config,
+                              sharding.make_mesh((1, 1, 1), jax.devices()[:1])).abstract()
   ckpts = checkpoint.Checkpoints(new, 2)
   state, _ = ckpts.restore(step, abstract)
   ckpts.close()

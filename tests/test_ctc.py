@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 
 from tests.helpers.numerics import assert_close
-from tests.tiny import random_batch, tiny_config
-from vsrllm_jax import sharding, train_state, train_step
-from vsrllm_jax.data import pipeline
+from tests.helpers.tiny import random_batch, tiny_config
+from vsrllm_jax import sharding
+from vsrllm_jax.data import batch as batch_lib
+from vsrllm_jax.run import state as state_lib
+from vsrllm_jax.training import step as step_lib
+from vsrllm_jax.data import examples
 from vsrllm_jax.data import tokenizer as tokenizer_lib
 from vsrllm_jax.models import build as build_lib
 from vsrllm_jax.models import ctc
@@ -95,7 +98,7 @@ def test_pipeline_adds_character_targets(tmp_path):
   tok = tokenizer_lib.build_word_tokenizer(tmp_path, (cfg.instruction,))
   cfg.max_instruction_tokens = 16
   cfg.max_label_tokens = 12
-  encoder = pipeline._Encoder(cfg, tok)  # pylint: disable=protected-access
+  encoder = examples.ExampleEncoder(cfg, tok)
   frames = np.zeros((3, cfg.image_size, cfg.image_size, 1), np.uint8)
   example = encoder(0, {"id": "x", "text": "set red at b two now", "video": frames})
   assert example["ctc_labels"].shape == (24,) and example["ctc_label_mask"].sum() == 20
@@ -104,7 +107,7 @@ def test_pipeline_adds_character_targets(tmp_path):
   filler = encoder.filler()
   assert filler["ctc_labels"].shape == (24,) and not filler["ctc_label_mask"].any()
   cfg.ctc_max_chars = 0
-  assert "ctc_labels" not in pipeline._Encoder(cfg, tok)(0, {  # pylint: disable=protected-access
+  assert "ctc_labels" not in examples.ExampleEncoder(cfg, tok)(0, {
       "id": "x", "text": "set red", "video": frames})
 
 
@@ -150,10 +153,12 @@ def test_train_step_with_the_ctc_loss(source):
   config = _ctc_config("mlp", source)
   model = _model(config)
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  state, shardings, labels, tx, schedules = train_state.create_with_optimizer(model, config, mesh)
+  layout = state_lib.layout(model, config, mesh)
+  state = state_lib.create(model, config, layout)
   batch = sharding.global_batch(_features_batch(config, model), mesh)
-  assert train_step.check_loss_weights(model, state, config, batch) == ["ctc", "lm"]
-  step = train_step.make_train_step(model, tx, labels, config, schedules, shardings, mesh)
+  assert step_lib.check_loss_weights(model, layout, config, batch) == ["ctc", "lm"]
+  assert step_lib.check_loss_weights(model, layout, config) == ["ctc", "lm"]   # as a run does
+  step = step_lib.make_train_step(model, config, layout)
   before = jax.device_get(state.params)
   new_state, metrics = step(state, batch)
   after = jax.device_get(new_state.params)
@@ -169,18 +174,18 @@ def test_train_step_with_the_ctc_loss(source):
   # Training without character targets is an error that names the data key.
   no_targets = {k: v for k, v in batch.items() if not k.startswith("ctc_")}
   with pytest.raises(ValueError, match="data.ctc_max_chars"):
-    train_step.check_loss_weights(model, new_state, config, no_targets)
+    step_lib.check_loss_weights(model, layout, config, no_targets)
 
 
 def test_projector_source_needs_a_sequence_preserving_projector():
   config = _ctc_config("multiscale_contrastive", "projector")
   model = _model(config)
   with pytest.raises(ValueError, match="ctc.source"):
-    jax.eval_shape(lambda: model.init(jax.random.key(0), train_state.dummy_batch(config)))
+    jax.eval_shape(lambda: model.init(jax.random.key(0), batch_lib.dummy_batch(config)))
   config.ctc.source = "llm"
   with pytest.raises(ValueError, match="ctc.source"):
     jax.eval_shape(lambda: _model(config).init(jax.random.key(0),
-                                               train_state.dummy_batch(config)))
+                                               batch_lib.dummy_batch(config)))
 
 
 def _reference_runs(tokens, mask, counts):
@@ -209,7 +214,7 @@ def test_deduplication_averages_runs_per_sample(projector):
     runs = runs[:np.searchsorted(np.cumsum(runs), t - b % 3) + 1]
     counts[b, :len(runs)] = runs
   assert not (counts[1] == counts[0]).all()
-  variables = jit(lambda b: model.init(jax.random.key(0), b))(train_state.dummy_batch(config))
+  variables = jit(lambda b: model.init(jax.random.key(0), b))(batch_lib.dummy_batch(config))
   project = jit(lambda v, b: model.apply(v, b, train=False, method=VSRModel.project)[1:])
   plain, plain_mask = map(np.asarray, project(variables, batch))
   deduped, deduped_mask = map(np.asarray, project(variables, dict(batch, cluster_counts=counts)))

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import transformers
 
-from tests.tiny import small_data_config
-from tests import no_tf
-from vsrllm_jax.data import grid_grammar
-from vsrllm_jax.data import pipeline
+from tests.helpers.tiny import small_data_config
+from tests.helpers import no_tf
+from vsrllm_jax.data.synthetic import grid_grammar
+from vsrllm_jax.data import examples, pipeline
 from vsrllm_jax.data import tokenizer as tokenizer_lib
 
 GLOBAL_BATCH = 4
@@ -159,17 +159,17 @@ class _DamagedSource:
 
 def test_corrupt_records_are_skipped_and_counted(data_cfg, tok):
   damaged = _DamagedSource(pipeline.data_source(data_cfg, "validation"), data_cfg.max_frames)
-  pipeline.reset_skipped_record_count()
+  examples.reset_skipped_record_count()
   batches = list(pipeline.eval_batches(data_cfg, tok, "validation", global_batch_size=4,
                                        source=damaged))
-  assert pipeline.skipped_record_count() == 3
+  assert examples.skipped_record_count() == 3
   assert [list(b["example_mask"]) for b in batches] == [[True, False, True, True],
                                                         [False, True, False, True]]
   bad = {damaged.source[i]["id"].decode() for i in (1, 4, 6)}
   it = _train_iter(data_cfg, tok, source=damaged)
   seen = [i for _ in range(6) for i in next(it)["id"]]
   assert len(seen) == 6 * GLOBAL_BATCH and not bad & set(seen)
-  assert pipeline.skipped_record_count() > 3
+  assert examples.skipped_record_count() > 3
 
 
 def test_generate_and_read_without_tensorflow(tmp_path):

@@ -7,8 +7,8 @@ import pytest
 from configs import common
 from tests.test_encoder_pretraining import SMALL
 from tests.test_llm_pretraining import check_transformers_parity
-from tests.tiny import small_data_config
-from vsrllm_jax.models import encoder_io, llm
+from tests.helpers.tiny import small_data_config
+from vsrllm_jax.models import encoder_io, hf_checkpoint
 from vsrllm_jax.tools import make_embedded
 
 EMBEDDED = common.EMBEDDED_DIR
@@ -55,7 +55,7 @@ def test_make_embedded_builds_atomically_and_keeps_old_models_on_a_miss(tmp_path
   assert json.loads((out / "quality.json").read_text()) == json.loads(json.dumps(record))
   assert set(make_embedded.THRESHOLDS) <= set(record["quality"])
   assert encoder_io.read_config(out / "encoder") == SMALL
-  assert llm.from_pretrained(out / "llm")[0].config.hidden_dim == 32
+  assert hf_checkpoint.from_pretrained(out / "llm")[0].config.hidden_dim == 32
 
   with pytest.raises(RuntimeError, match="miss their quality thresholds.*test_frame_accuracy"):
     make_embedded.build(str(out), encoder_steps=4, llm_steps=4,

@@ -11,10 +11,10 @@ import pytest
 
 from configs.common import get_base_config
 from tests.helpers.numerics import assert_close
-from tests.tiny import small_data_config
-from vsrllm_jax.data import synthetic_lips
-from vsrllm_jax.data import visemes
-from vsrllm_jax.data.synthetic_spec import SyntheticLipsSpec
+from tests.helpers.tiny import small_data_config
+from vsrllm_jax.data.synthetic import synthetic_lips
+from vsrllm_jax.data.synthetic import visemes
+from vsrllm_jax.data.synthetic.spec import SyntheticLipsSpec
 from vsrllm_jax.models import encoder_io
 from vsrllm_jax.models.video_encoder import StemConv, VideoEncoder, VideoEncoderConfig
 from vsrllm_jax.tools import pretrain_encoder

@@ -19,10 +19,11 @@ import transformers
 
 from configs.common import get_base_config
 from tests.helpers.numerics import assert_close
-from tests.tiny import random_batch, tiny_config
+from tests.helpers.tiny import random_batch, tiny_config
 from vsrllm_jax import decode as decode_cmd
-from vsrllm_jax import train_step
-from vsrllm_jax.models import beam_search, build, generation, llm
+from vsrllm_jax.inference import predictor
+from vsrllm_jax.inference import beam_search, generation
+from vsrllm_jax.models import build, hf_checkpoint, llm
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
@@ -42,7 +43,7 @@ def setup(tmp_path_factory):
   hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
   path = tmp_path_factory.mktemp("llama")
   hf.save_pretrained(path)
-  model, params = llm.from_pretrained(path)
+  model, params = hf_checkpoint.from_pretrained(path)
   p = max(LENGTHS)
   ids = np.random.default_rng(0).integers(3, TINY["vocab_size"], size=(len(LENGTHS), p))
   mask = (np.arange(p)[None] < np.asarray(LENGTHS)[:, None]).astype(np.int32)
@@ -219,77 +220,6 @@ def test_cache_helpers_follow_cache_axes(setup):
     generation.repeat_cache(dict(cache, extra=np.zeros(2)), 2)
 
 
-def test_per_layer_cache_helpers(setup):
-  """repeat/take on a per-layer cache (tuples of buffers, no 'layers' axis) act on each
-  layer's buffer as on the stacked cache's slice."""
-  _, model, _, _, _ = setup
-  stacked = _numbered_cache(model.config, 6)
-  per_layer = dict(stacked, k=tuple(stacked["k"]), v=tuple(stacked["v"]))
-  beams = jnp.asarray([[2, 0, 0], [1, 2, 0]])
-  for fn in (lambda c: generation.repeat_cache(c, 2),
-             lambda c: generation.take_cache(c, beams)):
-    want, got = fn(stacked), fn(per_layer)
-    for name in ("k", "v"):
-      assert isinstance(got[name], tuple) and len(got[name]) == model.config.num_layers
-      for i, layer in enumerate(got[name]):
-        np.testing.assert_array_equal(layer, want[name][i], err_msg=name)
-
-
-@pytest.mark.parametrize("strategy,options", [
-    ("greedy", {}), ("sample", dict(temperature=1.5, top_p=0.9)),
-    ("beam", dict(beam_size=3, length_penalty=0.7))])
-def test_layer_layouts_decode_alike(setup, strategy, options):
-  """The layer scan and the layers one by one (stacked params sliced per call, or
-  params unstacked beforehand) give the same tokens, with EOS and padding."""
-  _, model, params, ids, mask = setup
-  key = jax.random.key(5)
-  runs = {}
-  for label, unstack, p in (("scan", False, params), ("sliced", True, params),
-                            ("unstacked", None, llm.unstack_layers(params))):
-    fn = jax.jit(functools.partial(generation.generate_from_ids, model, max_new_tokens=T,
-                                   eos_id=5, pad_id=0, strategy=strategy,
-                                   unstack_layers=unstack, **options))
-    runs[label] = np.asarray(fn(p, ids, mask, rng=key))
-  np.testing.assert_array_equal(runs["sliced"], runs["scan"])
-  np.testing.assert_array_equal(runs["unstacked"], runs["scan"])
-
-
-def test_decoding_layout_is_out_by_in_and_made_once(setup):
-  """``unstack_layers``: every kernel an [out, in] matrix holding the same numbers
-  (keys' and values' stacked; the LM head as ``kernel_t``); applied again, it
-  changes nothing."""
-  _, model, params, _, _ = setup
-  cfg, once = model.config, llm.unstack_layers(params)
-  layer, stacked = once["layers"][1], params["layers"]
-  q = np.asarray(stacked["self_attn"]["q_proj"]["kernel"][1])               # [E, H, D]
-  np.testing.assert_array_equal(layer["self_attn"]["q_proj"]["kernel"],
-                                q.reshape(cfg.hidden_dim, -1).T)
-  k, v = (np.asarray(stacked["self_attn"][n]["kernel"][1]).reshape(cfg.hidden_dim, -1).T
-          for n in ("k_proj", "v_proj"))                                   # [Hkv*D, E]
-  np.testing.assert_array_equal(layer["self_attn"]["kv_proj"]["kernel"], np.concatenate([k, v]))
-  assert "k_proj" not in layer["self_attn"] and "v_proj" not in layer["self_attn"]
-  o = np.asarray(stacked["self_attn"]["o_proj"]["kernel"][1])               # [H, D, E]
-  np.testing.assert_array_equal(layer["self_attn"]["o_proj"]["kernel"],
-                                o.reshape(-1, cfg.hidden_dim).T)
-  np.testing.assert_array_equal(layer["mlp"]["down_proj"]["kernel"],
-                                np.asarray(stacked["mlp"]["down_proj"]["kernel"][1]).T)
-  np.testing.assert_array_equal(once["lm_head"]["kernel_t"],
-                                np.asarray(params["lm_head"]["kernel"]).T)
-  jax.tree.map(np.testing.assert_array_equal, llm.unstack_layers(once), once)
-
-
-def test_cache_and_layer_params_must_agree(setup):
-  _, model, params, ids, _ = setup
-  apply = lambda cache, layer_params: model.apply({"params": params}, ids, cache=cache,
-                                                  layer_params=layer_params)
-  with pytest.raises(ValueError, match="per-layer cache .* needs layer_params"):
-    apply(llm.init_cache(model.config, 3, 16, per_layer=True), None)
-  with pytest.raises(ValueError, match="cache must be per layer"):
-    apply(llm.init_cache(model.config, 3, 16), llm.layer_list(params))
-  with pytest.raises(ValueError, match="layer_params has 1 layers; the config has 2"):
-    apply(None, llm.layer_list(params)[:1])
-
-
 def test_argmax_is_jnp_argmax():
   """Two-stage argmax: first maximal index (ties), vocabularies not a multiple of the
   chunk, NaN (the first NaN wins, even past an inf) and all -inf rows, leading batch axes."""
@@ -437,16 +367,10 @@ def test_predict_fn_uses_the_decode_config():
 
   def predict(strategy, **options):
     config.decode.update(dict(options, strategy=strategy))
-    return train_step.make_predict_fn(model, config, eos_id=2, pad_id=0)
+    return predictor.make_predictor(model, config, eos_id=2, pad_id=0)
 
   greedy = np.asarray(predict("greedy")(params, model_state, batch))
   assert greedy.shape == (2, 4)
-  # Its decoding layout of the params (CPU: the LLM layers unstacked) decodes the same.
-  fn = predict("greedy")
-  prepared = fn.prepare(params)
-  assert isinstance(prepared["llm"]["layers"], tuple)
-  assert fn.prepare(prepared) is prepared
-  np.testing.assert_array_equal(fn(prepared, model_state, batch), greedy)
   np.testing.assert_array_equal(predict("beam", beam_size=1)(params, model_state, batch), greedy)
   sample = predict("sample", temperature=2.0)
   first = np.asarray(sample(params, model_state, batch))

@@ -14,11 +14,14 @@ import pytest
 import torch
 import transformers
 
-from tests.tiny import tiny_config
-from vsrllm_jax import experiment, sharding, train_state
+from tests.helpers.tiny import tiny_config
+from vsrllm_jax import sharding
+from vsrllm_jax.run import pretrained
+from vsrllm_jax.run import setup as setup_lib
+from vsrllm_jax.run import state as state_lib
 from vsrllm_jax.data import tokenizer as tokenizer_lib
 from vsrllm_jax.models import build as build_lib
-from vsrllm_jax.models import hf_checkpoint, llm
+from vsrllm_jax.models import hf_checkpoint
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=8, initializer_range=0.2,
@@ -48,7 +51,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def host_params(checkpoints):
-  return {k: llm.from_pretrained(p)[1] for k, p in checkpoints.items()}
+  return {k: hf_checkpoint.from_pretrained(p)[1] for k, p in checkpoints.items()}
 
 
 def _expected_shard_shape(shape, names, mesh):
@@ -62,7 +65,7 @@ def _expected_shard_shape(shape, names, mesh):
 @pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (1, 4, 2)])
 def test_mesh_load_matches_host_load(checkpoints, host_params, name, mesh_shape):
   mesh = sharding.make_mesh(mesh_shape)
-  model, params = llm.from_pretrained(checkpoints[name], mesh=mesh, rules=RULES)
+  model, params = hf_checkpoint.from_pretrained(checkpoints[name], mesh=mesh, rules=RULES)
   boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                          jnp.zeros((1, 1), jnp.int32))["params"]
   expected = flax.traverse_util.flatten_dict(sharding.logical_shardings(boxed, mesh, RULES))
@@ -92,13 +95,13 @@ def test_bfloat16_and_small_chunks(checkpoints, host_params, monkeypatch):
   """bf16 storage equals the fp32 load cast; row chunking changes nothing."""
   monkeypatch.setattr(hf_checkpoint, "_CHUNK_BYTES", 40)  # a few rows per read
   mesh = sharding.make_mesh((1, 4, 2))
-  model, params = llm.from_pretrained(checkpoints["qwen2"], param_dtype="bfloat16", mesh=mesh,
+  model, params = hf_checkpoint.from_pretrained(checkpoints["qwen2"], param_dtype="bfloat16", mesh=mesh,
                                       rules=RULES)
   assert model.config.param_dtype == "bfloat16"
   for x, h in zip(jax.tree.leaves(params), jax.tree.leaves(host_params["qwen2"])):
     assert x.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(x), h.astype(jnp.bfloat16))
-  _, again = llm.from_pretrained(checkpoints["llama_sharded"])
+  _, again = hf_checkpoint.from_pretrained(checkpoints["llama_sharded"])
   jax.tree.map(np.testing.assert_array_equal, again, host_params["llama"])
 
 
@@ -107,9 +110,9 @@ def test_stored_bfloat16_checkpoint(checkpoints, host_params, tmp_path):
   hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoints["llama"])
   hf.to(torch.bfloat16).save_pretrained(tmp_path)
   mesh = sharding.make_mesh((1, 8, 1))
-  model, params = llm.from_pretrained(tmp_path, mesh=mesh, rules=RULES)
+  model, params = hf_checkpoint.from_pretrained(tmp_path, mesh=mesh, rules=RULES)
   assert model.config.param_dtype == "bfloat16"
-  _, as_fp32 = llm.from_pretrained(tmp_path, param_dtype="float32")
+  _, as_fp32 = hf_checkpoint.from_pretrained(tmp_path, param_dtype="float32")
   for x, f, h in zip(*map(jax.tree.leaves, (params, as_fp32, host_params["llama"]))):
     assert x.dtype == jnp.bfloat16 and f.dtype == np.float32
     np.testing.assert_array_equal(np.asarray(x), h.astype(jnp.bfloat16))
@@ -125,31 +128,34 @@ def test_default_param_dtype(monkeypatch):
 
 def test_mesh_without_rules_is_an_error(checkpoints):
   with pytest.raises(ValueError, match="without rules"):
-    llm.from_pretrained(checkpoints["llama"], mesh=sharding.make_mesh((1, 8, 1)))
+    hf_checkpoint.from_pretrained(checkpoints["llama"], mesh=sharding.make_mesh((1, 8, 1)))
 
 
-def test_experiment_state_matches_host_placement(checkpoints, host_params, tmp_path):
-  """The experiment's state = random init with the LLM replaced by the host load.
-
-  (What the experiment built before loading into shardings and skipping the
-  LLM's random init; other submodules' random values are unchanged.)
-  """
+def test_fresh_state_matches_host_placement(checkpoints, host_params, tmp_path):
+  """A fresh run's state (``pretrained.load`` into ``state.create``) = random init with the
+  LLM replaced by the host load: the LLM read straight into its shardings and its random
+  init skipped; other submodules' random values are unchanged."""
   c = tiny_config()
   c.llm.path = str(checkpoints["llama"])
   c.data.cache_features = False
   c.data.data_dir = str(tmp_path)
   c.mesh.shape = (1, 4, 2)
-  exp = experiment.Experiment(c)
-  mesh = sharding.make_mesh(exp.config.mesh.shape)
-  ref, ref_shardings, *_ = train_state.create_with_optimizer(
-      build_lib.build_model(exp.config), exp.config, mesh)
+  setup = setup_lib.make(c)
+  layout = state_lib.layout(setup.model, setup.config, setup.mesh)
+  params, model_state = pretrained.load(setup.config, setup.mesh)
+  state = state_lib.create(setup.model, setup.config, layout, pretrained_params=params,
+                           pretrained_model_state=model_state)
+  mesh = sharding.make_mesh(setup.config.mesh.shape)
+  ref_model = build_lib.build_model(setup.config)
+  ref = state_lib.create(ref_model, setup.config,
+                         state_lib.layout(ref_model, setup.config, mesh))
   ref = ref.replace(params=dict(ref.params, llm=host_params["llama"]))
-  assert jax.tree.structure(exp.state) == jax.tree.structure(ref)
-  for a, b, s in zip(jax.tree.leaves(exp.state), jax.tree.leaves(ref),
-                     jax.tree.leaves(ref_shardings)):
+  assert jax.tree.structure(state) == jax.tree.structure(ref)
+  for a, b, s in zip(jax.tree.leaves(state), jax.tree.leaves(ref),
+                     jax.tree.leaves(layout.shardings())):
     assert a.sharding.is_equivalent_to(s, a.ndim) and a.dtype == b.dtype
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  embedding = exp.state.params["llm"]["embed_tokens"]["embedding"]
+  embedding = state.params["llm"]["embed_tokens"]["embedding"]
   assert embedding.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
 
 
@@ -160,5 +166,6 @@ def test_pretrained_shape_mismatch_is_named(host_params):
   c.llm.mlp_dim = 32  # the checkpoint has 64
   mesh = sharding.make_mesh((1, 8, 1))
   with pytest.raises(ValueError, match=r"params/llm\['layers'\]\['mlp'\]\['down_proj'\]"):
-    train_state.create_with_optimizer(build_lib.build_model(c), c, mesh,
-                                      pretrained_params={"llm": host_params["llama"]})
+    model = build_lib.build_model(c)
+    state_lib.create(model, c, state_lib.layout(model, c, mesh),
+                     pretrained_params={"llm": host_params["llama"]})

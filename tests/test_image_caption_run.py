@@ -8,10 +8,19 @@ import transformers
 
 from configs import common
 from tests.helpers.numerics import assert_close
-from tests.image_fixtures import write_caption_folder
+from tests.helpers.image_fixtures import write_caption_folder
 from configs import image_caption
-from vsrllm_jax import experiment, train_step
+import jax
+
+from vsrllm_jax import sharding
 from vsrllm_jax.data import pipeline
+from vsrllm_jax.data.batch import model_inputs
+from vsrllm_jax.models.vsr_model import VSRModel
+from vsrllm_jax.run import pretrained
+from vsrllm_jax.run import setup as setup_lib
+from vsrllm_jax.run import state as state_lib
+from vsrllm_jax.run.data import RunData
+from vsrllm_jax.training import step as step_lib
 
 
 
@@ -38,22 +47,27 @@ def test_config_takes_the_towers_shapes(config):
 
 
 def test_cached_tower_features_train_and_match_the_tower(config):
-  exp = experiment.Experiment(config)
-  cached = exp.source("train")
+  setup = setup_lib.make(config)
+  layout = state_lib.layout(setup.model, setup.config, setup.mesh)
+  params, model_state = pretrained.load(setup.config, setup.mesh)
+  state = state_lib.create(setup.model, setup.config, layout, pretrained_params=params,
+                           pretrained_model_state=model_state)
+  data = RunData(setup, state.params, state.model_state)
+  cached = data.source("train")
   assert cached.feature_dim == 16 and np.all(cached.lengths == 16)
-  batch = next(iter(exp.train_loader()))
+  batch = next(iter(data.train_loader()))
   assert batch["features"].shape == (8, 16, 16) and batch["features_mask"].all()
-  step = exp.train_step_fn()
-  from vsrllm_jax import sharding  # pylint: disable=g-import-not-at-top
-  state, metrics = step(exp.state, sharding.global_batch(train_step.model_inputs(batch), exp.mesh))
+  step_lib.check_loss_weights(setup.model, layout, setup.config)
+  step = step_lib.make_train_step(setup.model, setup.config, layout)
+  state, metrics = step(state, sharding.global_batch(model_inputs(batch), setup.mesh))
   assert np.isfinite(float(metrics["train/loss"]))
   # The cache holds what the tower computes on the raw images (eval preprocessing).
-  raw = next(pipeline.eval_batches(config.data, exp.tokenizer, "train", global_batch_size=8,
+  raw = next(pipeline.eval_batches(config.data, setup.tokenizer, "train", global_batch_size=8,
                                    source=pipeline.data_source(config.data, "train")))
   assert raw["video"].shape == (8, 1, 32, 32, 3)
-  encode = exp._encode_fn()  # pylint: disable=protected-access
-  # The step donated exp.state; the frozen tower's params are unchanged in the new state.
-  feats, mask = encode(state.params, state.model_state,
-                       {"video": raw["video"], "video_mask": raw["video_mask"]})
+  # The step donated the first state; the frozen tower's params are unchanged in the new one.
+  feats, mask = jax.jit(lambda p, s, b: setup.model.apply({"params": p, **s}, b,
+                                                          method=VSRModel.encode))(
+      state.params, state.model_state, {"video": raw["video"], "video_mask": raw["video_mask"]})
   assert mask.shape == (8, 16) and bool(mask.all())
   assert_close(feats[0], cached[0]["features"], rtol=1e-5, atol_frac=1e-6)

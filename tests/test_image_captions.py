@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.log_capture import CollectWarnings
-from vsrllm_jax.data import image_captions as ic
+from tests.helpers.log_capture import CollectWarnings
+from vsrllm_jax.data.datasets import image_captions as ic
 
 SIZE = 8
 
@@ -159,12 +159,12 @@ def test_missing_manifest_and_all_skipped_split(tmp_path):
 
 
 def test_prepare_and_read_without_tensorflow(tmp_path):
-  from tests import no_tf  # pylint: disable=g-import-not-at-top
+  from tests.helpers import no_tf  # pylint: disable=g-import-not-at-top
   code = f"""
 import json, pathlib
 import numpy as np
 from PIL import Image
-from vsrllm_jax.data import image_captions as ic
+from vsrllm_jax.data.datasets import image_captions as ic
 root = pathlib.Path({str(tmp_path)!r})
 Image.fromarray(np.full((10, 12, 3), 7, np.uint8)).save(root / "a.png")
 (root / "captions.jsonl").write_text(json.dumps({{"image": "a.png", "caption": "x"}}) + "\\n")

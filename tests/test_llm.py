@@ -20,7 +20,8 @@ import transformers
 
 from configs.common import get_base_config
 from tests.helpers.numerics import assert_close
-from vsrllm_jax.models import generation, hf_checkpoint, llm, rope
+from vsrllm_jax.inference import generation
+from vsrllm_jax.models import hf_checkpoint, llm, rope
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
@@ -53,7 +54,7 @@ def hf_llama(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ours(hf_llama):
   """(model, params, jitted forward) loaded with our from_pretrained."""
-  model, params = llm.from_pretrained(hf_llama[1])
+  model, params = hf_checkpoint.from_pretrained(hf_llama[1])
 
   @jax.jit
   def forward(params, ids, mask, logit_positions=None):
@@ -245,7 +246,7 @@ def test_save_pretrained_round_trip_through_transformers(tmp_path, variant):
                       head_dim=8, mlp_dim=48, max_position_embeddings=256, **extra)
   model = llm.LlamaModel(cfg)
   params = _random_params(model, 2)
-  llm.save_pretrained(tmp_path, cfg, params)
+  hf_checkpoint.save_pretrained(tmp_path, cfg, params)
   hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
   assert hf.config.model_type == ("qwen2" if variant == "qwen2" else "llama")
   ids, mask = _padded_batch(np.random.default_rng(6), [200, 120], 200, cfg.vocab_size)
@@ -254,7 +255,7 @@ def test_save_pretrained_round_trip_through_transformers(tmp_path, variant):
   real = mask.astype(bool)
   assert_close(got[real], expected[real], rtol=1e-4, atol_frac=1e-5)
   # ... and back through our loader unchanged.
-  model2, params2 = llm.from_pretrained(tmp_path)
+  model2, params2 = hf_checkpoint.from_pretrained(tmp_path)
   assert model2.config == cfg
   jax.tree.map(np.testing.assert_array_equal, params2, params)
 
@@ -263,22 +264,22 @@ def test_sharded_checkpoint_loads(hf_llama, ours, tmp_path):
   hf, _ = hf_llama
   hf.save_pretrained(tmp_path, max_shard_size="40KB")
   assert (tmp_path / "model.safetensors.index.json").is_file()
-  _, params = llm.from_pretrained(tmp_path)
+  _, params = hf_checkpoint.from_pretrained(tmp_path)
   jax.tree.map(np.testing.assert_array_equal, params, ours[1])
   shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
   shard.unlink()
   with pytest.raises(FileNotFoundError, match=shard.name):
-    llm.from_pretrained(tmp_path)
+    hf_checkpoint.from_pretrained(tmp_path)
 
 
 def test_missing_files_are_named(hf_llama, tmp_path):
   shutil.copytree(hf_llama[1], tmp_path / "ckpt")
   (tmp_path / "ckpt" / "model.safetensors").unlink()
   with pytest.raises(FileNotFoundError, match="model.safetensors"):
-    llm.from_pretrained(tmp_path / "ckpt")
+    hf_checkpoint.from_pretrained(tmp_path / "ckpt")
   (tmp_path / "ckpt" / "config.json").unlink()
   with pytest.raises(FileNotFoundError, match="config.json"):
-    llm.from_pretrained(tmp_path / "ckpt")
+    hf_checkpoint.from_pretrained(tmp_path / "ckpt")
 
 
 def test_checkpoint_key_mismatch_is_reported(hf_llama):
@@ -315,16 +316,6 @@ def test_rope_frequencies_match_transformers():
     np.testing.assert_allclose(rope.inverse_frequencies(16, 10000.0, scaling), expected, rtol=1e-6)
   with pytest.raises(NotImplementedError, match="yarn"):
     rope.inverse_frequencies(16, 1e4, dict(rope_type="yarn"))
-
-
-def test_rope_table_rows_equal_computed_values():
-  """``num_positions``: rows of a trace-time table, bit for bit the computed cos/sin."""
-  scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                 original_max_position_embeddings=64)
-  positions = jnp.asarray([[0, 5, 299], [17, 17, 1]], jnp.int32)
-  direct = jax.jit(lambda p: rope.rope_cos_sin(p, 16, 5e5, scaling))(positions)
-  table = jax.jit(lambda p: rope.rope_cos_sin(p, 16, 5e5, scaling, num_positions=300))(positions)
-  jax.tree.map(np.testing.assert_array_equal, table, direct)
 
 
 def test_config_from_common_config_dict():

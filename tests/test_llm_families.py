@@ -16,7 +16,8 @@ import torch
 import transformers
 
 from tests.helpers.numerics import assert_close
-from vsrllm_jax.models import generation, llm
+from vsrllm_jax.inference import generation
+from vsrllm_jax.models import hf_checkpoint, llm
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
@@ -67,7 +68,7 @@ def family(request, tmp_path_factory):
   hf = _tiny_hf_model(name)
   path = tmp_path_factory.mktemp(name)
   hf.save_pretrained(path)
-  model, params = llm.from_pretrained(path)
+  model, params = hf_checkpoint.from_pretrained(path)
 
   @jax.jit
   def forward(params, ids, mask):
@@ -114,26 +115,21 @@ def test_greedy_generation_matches_transformers(family):
     hf.generation_config.eos_token_id = eos
   expected = out[:, ids.shape[1]:].numpy()
   assert expected.shape == (2, NEW_TOKENS)
-  # Both layer layouts: the scan over stacked weights and the layers one by one (on
-  # their own weights and KV buffers; CPU's default), from stacked or unstacked params.
-  params = family["params"]
-  for unstack, p in ((False, params), (True, params), (None, llm.unstack_layers(params))):
-    gen = jax.jit(functools.partial(generation.greedy_generate_from_ids, model,
-                                    max_new_tokens=NEW_TOKENS, eos_id=-1, pad_id=0,
-                                    unstack_layers=unstack))
-    got = np.asarray(gen(p, ids, np.ones_like(ids)))
-    np.testing.assert_array_equal(got, expected, err_msg=f"unstack_layers={unstack}")
+  gen = jax.jit(functools.partial(generation.greedy_generate_from_ids, model,
+                                  max_new_tokens=NEW_TOKENS, eos_id=-1, pad_id=0))
+  np.testing.assert_array_equal(np.asarray(gen(family["params"], ids, np.ones_like(ids))),
+                                expected)
 
 
 def test_save_pretrained_loads_back_in_transformers(family, tmp_path):
   model, params = family["model"], family["params"]
-  llm.save_pretrained(tmp_path, model.config, params)
+  hf_checkpoint.save_pretrained(tmp_path, model.config, params)
   hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
   assert hf.config.model_type == family["hf"].config.model_type
   ids, mask, real = family["ids"], family["mask"], family["mask"].astype(bool)
   assert_close(_hf_logits(hf.eval(), ids, mask)[real], family["expected"][real], rtol=1e-4,
                atol_frac=1e-5)
-  model2, params2 = llm.from_pretrained(tmp_path)
+  model2, params2 = hf_checkpoint.from_pretrained(tmp_path)
   assert model2.config == model.config
   jax.tree.map(np.testing.assert_array_equal, params2, params)
 
@@ -149,34 +145,29 @@ def test_windowed_cached_decoding_matches_full_forward(family):
   mask[2, 280:] = 0           # padding decoded step by step
   full = np.asarray(family["forward"](params, ids, mask))
 
-  @functools.partial(jax.jit, static_argnums=4)
-  def step(params, ids, mask, cache, per_layer, logit_positions=None):
-    layer_params = llm.layer_list(params) if per_layer else None
+  @jax.jit
+  def step(params, ids, mask, cache, logit_positions=None):
     return model.apply({"params": params}, ids, attention_mask=mask, cache=cache,
-                       layer_params=layer_params, logit_positions=logit_positions)
+                       logit_positions=logit_positions)
 
   prefill, real = 256, mask.astype(bool)
-  for per_layer in (False, True):   # the layer scan; the layers one by one
-    cache = llm.init_cache(model.config, 3, SEQ, per_layer=per_layer)
-    logits, cache = step(params, ids[:, :prefill], mask[:, :prefill], cache, per_layer)
-    # Only some rows wanted: one by one, the last layer (windowed in qwen2) runs its
-    # queries and MLP on them alone; logits and the cache must not change.
-    keep = np.array([[0, 131, 255], [40, 100, 255], [5, 99, 200]])
-    kept, kept_cache = step(params, ids[:, :prefill], mask[:, :prefill],
-                            llm.init_cache(model.config, 3, SEQ, per_layer=per_layer),
-                            per_layer, keep)
-    assert_close(kept, np.take_along_axis(full, keep[..., None], axis=1), rtol=1e-4,
-                 atol_frac=1e-5, err_msg=f"per_layer={per_layer}")
-    jax.tree.map(functools.partial(assert_close, rtol=1e-5, atol_frac=1e-6), kept_cache, cache)
-    pieces = [np.asarray(logits)]
-    for t in range(prefill, SEQ):
-      logits, cache = step(params, ids[:, t:t + 1], mask[:, t:t + 1], cache, per_layer)
-      pieces.append(np.asarray(logits))
-    cached = np.concatenate(pieces, axis=1)
-    assert_close(cached[real], full[real], rtol=1e-4, atol_frac=1e-5,
-                 err_msg=f"per_layer={per_layer}")
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    np.testing.assert_array_equal(np.asarray(cache["key_positions"])[real], positions[real])
+  cache = llm.init_cache(model.config, 3, SEQ)
+  logits, cache = step(params, ids[:, :prefill], mask[:, :prefill], cache)
+  # Only some rows wanted: logits at those rows, the same cache.
+  keep = np.array([[0, 131, 255], [40, 100, 255], [5, 99, 200]])
+  kept, kept_cache = step(params, ids[:, :prefill], mask[:, :prefill],
+                          llm.init_cache(model.config, 3, SEQ), keep)
+  assert_close(kept, np.take_along_axis(full, keep[..., None], axis=1), rtol=1e-4,
+               atol_frac=1e-5)
+  jax.tree.map(functools.partial(assert_close, rtol=1e-5, atol_frac=1e-6), kept_cache, cache)
+  pieces = [np.asarray(logits)]
+  for t in range(prefill, SEQ):
+    logits, cache = step(params, ids[:, t:t + 1], mask[:, t:t + 1], cache)
+    pieces.append(np.asarray(logits))
+  cached = np.concatenate(pieces, axis=1)
+  assert_close(cached[real], full[real], rtol=1e-4, atol_frac=1e-5)
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+  np.testing.assert_array_equal(np.asarray(cache["key_positions"])[real], positions[real])
 
 
 # --- config.json parsing -----------------------------------------------------------

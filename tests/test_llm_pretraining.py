@@ -15,10 +15,10 @@ import torch
 import transformers
 
 from tests.helpers.numerics import assert_close
-from vsrllm_jax.data import grid_grammar
+from vsrllm_jax.data.synthetic import grid_grammar
 from vsrllm_jax.data import tokenizer as tokenizer_lib
-from vsrllm_jax.models import llm
-from vsrllm_jax.tools import pretrain_llm
+from vsrllm_jax.models import hf_checkpoint
+from vsrllm_jax.tools import llm_pretraining_data, pretrain_llm
 
 SHAPE = dict(hidden_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128)
 STEPS, BATCH, MAX_LEN = 400, 32, 48
@@ -61,7 +61,7 @@ def check_transformers_parity(out):
   """fp32 logits of transformers and of our loader agree to 1e-4 on padded GRID rows."""
   hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   tok = transformers.AutoTokenizer.from_pretrained(out)
-  model, params = llm.from_pretrained(out)
+  model, params = hf_checkpoint.from_pretrained(out)
   rng = np.random.default_rng(0)
   templates = tokenizer_lib.INSTRUCTION_TEMPLATES
   texts = [f"{t} {s}" for t, s in zip(templates, _gridsentences(rng, len(templates)))]
@@ -105,14 +105,14 @@ def test_auto_tokenizer_round_trips_and_special_ids_match_config(pretrained):
 def test_eval_sentences_never_occur_in_training(tmp_path):
   everything = list(itertools.product(*(grid_grammar.SLOT_WORDS[s]
                                         for s in grid_grammar.SLOT_NAMES)))
-  held_out = {words for words in everything if pretrain_llm.is_held_out(words)}
+  held_out = {words for words in everything if llm_pretraining_data.is_held_out(words)}
   assert 0.08 < len(held_out) / len(everything) < 0.12
-  assert all(tuple(w) in held_out for w in pretrain_llm.eval_sentences(200, seed=0))
+  assert all(tuple(w) in held_out for w in llm_pretraining_data.eval_sentences(200, seed=0))
   # Training draws sentences only through make_example(words=None): never held out.
   rng = np.random.default_rng(2)
   tok = tokenizer_lib.build_embedded_tokenizer(tmp_path)
   for _ in range(1000):
-    ids, weights = pretrain_llm.make_example(rng, tok)
+    ids, weights = llm_pretraining_data.make_example(rng, tok)
     words = tuple(tok.convert_ids_to_tokens(ids[weights > 0][:-1].tolist()))
     assert grid_grammar.is_grammatical(words) and words not in held_out
 

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from vsrllm_jax import losses
+from vsrllm_jax.models import contrastive
+from vsrllm_jax.training import losses
 
 
 def _np_log_softmax(x, axis):
@@ -33,11 +34,11 @@ def test_info_nce_matches_numpy():
   l_ab = -np.diag(_np_log_softmax(sim, 1))
   l_ba = -np.diag(_np_log_softmax(sim, 0))
   want = (0.5 * (l_ab + l_ba)).mean()
-  assert float(losses.info_nce(a, b, 0.2)) == pytest.approx(want, rel=1e-4)
+  assert float(contrastive.info_nce(a, b, 0.2)) == pytest.approx(want, rel=1e-4)
   valid = np.array([1, 1, 1, 0, 0], bool)
   sim3 = sim[:3, :3]
   want3 = (0.5 * (-np.diag(_np_log_softmax(sim3, 1)) - np.diag(_np_log_softmax(sim3, 0)))).mean()
-  assert float(losses.info_nce(a, b, 0.2, valid)) == pytest.approx(want3, rel=1e-4)
+  assert float(contrastive.info_nce(a, b, 0.2, valid)) == pytest.approx(want3, rel=1e-4)
 
 
 def test_weighted_total_and_name_checks():

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from tests.log_capture import CollectWarnings
+from tests.helpers.log_capture import CollectWarnings
 from vsrllm_jax.data import avhubert_preprocess as pre
-from vsrllm_jax.data import lrs3_fixture
-from vsrllm_jax.data import lrs3_manifest
-from vsrllm_jax.data import manifest_files
+from tests.helpers import lrs3_fixture
+from vsrllm_jax.data.synthetic import lrs3_layout
+from vsrllm_jax.data.datasets import lrs3
+from vsrllm_jax.data.datasets import lrs3_files
 from vsrllm_jax.data import tasks
 from vsrllm_jax.models import video_encoder
 
@@ -59,19 +60,19 @@ def built(tmp_path_factory):
   clips = {"train": _clips("train", NUM_TRAIN, rng),
            "valid": _clips("valid", 3, rng, with_counts=False),
            "test": _clips("test", 3, rng, pair_only_ids=True)}
-  trees = {s: lrs3_fixture.write_lrs3_like_tree(manual, c, s) for s, c in clips.items()}
+  trees = {s: lrs3_layout.write_lrs3_like_tree(manual, c, s) for s, c in clips.items()}
   for index, kind in BROKEN.items():
     lrs3_fixture.break_sample(trees["train"], index, kind)
   handler = CollectWarnings()
-  logger = logging.getLogger(lrs3_manifest.__name__)
+  logger = logging.getLogger(lrs3.__name__)
   logger.addHandler(handler)
   try:
-    opts = lrs3_manifest.Lrs3ManifestOptions(manual_dir=str(manual), max_bad_fraction=0.5)
+    opts = lrs3.Lrs3ManifestOptions(manual_dir=str(manual), max_bad_fraction=0.5)
     builders = {
-        "a": lrs3_manifest.prepare(opts, root / "data_a"),
-        "b": lrs3_manifest.prepare(opts, root / "data_b"),
-        "frames": lrs3_manifest.prepare(
-            lrs3_manifest.Lrs3ManifestOptions(manual_dir=str(manual), max_bad_fraction=0.5,
+        "a": lrs3.prepare(opts, root / "data_a"),
+        "b": lrs3.prepare(opts, root / "data_b"),
+        "frames": lrs3.prepare(
+            lrs3.Lrs3ManifestOptions(manual_dir=str(manual), max_bad_fraction=0.5,
                                               storage="frames"), root / "data_f")}
   finally:
     logger.removeHandler(handler)
@@ -95,7 +96,7 @@ def test_records_match_the_source_clips(built):
   for i, record in zip(good, records):
     ident, frames, text, counts = built["clips"]["train"][i]
     assert "video" not in record and record["video_mp4"].dtype == np.uint8  # mp4 storage
-    decoded = lrs3_manifest.decode_record(record)
+    decoded = lrs3.decode_record(record)
     assert decoded["video"].shape == frames.shape + (1,) and decoded["video"].dtype == np.uint8
     assert np.abs(decoded["video"][..., 0].astype(int) - frames).max() <= 1  # crf 0
     assert int(record["num_frames"]) == len(frames)
@@ -109,20 +110,20 @@ def test_frames_storage_holds_the_same_decoded_frames(built):
   frames = _records(built["builders"]["frames"], "train")
   assert len(mp4) == len(frames)
   for a, b in zip(mp4, frames):
-    np.testing.assert_array_equal(lrs3_manifest.decode_record(a)["video"], b["video"])
-    assert lrs3_manifest.decode_record(b) is b
+    np.testing.assert_array_equal(lrs3.decode_record(a)["video"], b["video"])
+    assert lrs3.decode_record(b) is b
   names = {k: b.builder_config.name for k, b in built["builders"].items()}
   assert names["a"] == names["b"] != names["frames"]
   assert names["a"].startswith("mp4_s96_") and names["frames"].startswith("frames_s96_")
 
 
 def test_skip_counts_per_kind(built):
-  reports = lrs3_manifest.read_bad_samples(built["builders"]["a"])
+  reports = lrs3.read_bad_samples(built["builders"]["a"])
   assert set(reports) == {"train", "validation", "test"}
   expected = collections.Counter(lrs3_fixture.SKIP_KIND_OF[k] for k in BROKEN.values())
-  expected[lrs3_manifest.WRONG_FRAME_SIZE] += 1
+  expected[lrs3.WRONG_FRAME_SIZE] += 1
   train = reports["train"]
-  assert train["skipped"] == {k: expected.get(k, 0) for k in lrs3_manifest.SKIP_KINDS}
+  assert train["skipped"] == {k: expected.get(k, 0) for k in lrs3.SKIP_KINDS}
   assert (train["total"], train["kept"]) == (NUM_TRAIN, NUM_TRAIN - 8)
   videos = built["trees"]["train"]["videos"]
   by_video = {s["video"]: s["kind"] for s in train["samples"]}
@@ -164,30 +165,30 @@ def test_deterministic_across_builds_and_picklable(built):
 
 
 def test_max_bad_fraction_is_an_error(built, tmp_path):
-  opts = lrs3_manifest.Lrs3ManifestOptions(manual_dir=str(built["manual"]),
+  opts = lrs3.Lrs3ManifestOptions(manual_dir=str(built["manual"]),
                                            max_bad_fraction=0.4, splits=(("train", "train"),))
-  with pytest.raises(lrs3_manifest.TooManyBadSamplesError,
+  with pytest.raises(lrs3.TooManyBadSamplesError,
                      match=r"7 of 16 samples are bad.*max_bad_fraction=0.4"):
-    lrs3_manifest.prepare(opts, tmp_path)
-  assert not os.path.exists(tmp_path / "lrs3_manifest" / lrs3_manifest.config_name(opts) /
+    lrs3.prepare(opts, tmp_path)
+  assert not os.path.exists(tmp_path / "lrs3_manifest" / lrs3.config_name(opts) /
                             "1.0.0" / "dataset_info.json")
 
 
 def test_fingerprint_follows_the_manifest(built, tmp_path):
   manual = tmp_path / "copy"
   shutil.copytree(built["manual"], manual)
-  opts = lrs3_manifest.Lrs3ManifestOptions(manual_dir=str(manual))
-  same = lrs3_manifest.config_name(opts)
+  opts = lrs3.Lrs3ManifestOptions(manual_dir=str(manual))
+  same = lrs3.config_name(opts)
   assert same == built["builders"]["a"].builder_config.name  # content, not location
   with open(manual / "valid.wrd", "a", encoding="utf-8") as f:
     f.write("")
-  assert lrs3_manifest.config_name(opts) == same
+  assert lrs3.config_name(opts) == same
   lines = (manual / "valid.wrd").read_text().split("\n")
   (manual / "valid.wrd").write_text("\n".join(["changed"] + lines[1:]))
-  assert lrs3_manifest.config_name(opts) != same
-  assert lrs3_manifest.config_name(
-      lrs3_manifest.Lrs3ManifestOptions(manual_dir=str(manual), max_bad_fraction=0.2)
-  ) == lrs3_manifest.config_name(opts)
+  assert lrs3.config_name(opts) != same
+  assert lrs3.config_name(
+      lrs3.Lrs3ManifestOptions(manual_dir=str(manual), max_bad_fraction=0.2)
+  ) == lrs3.config_name(opts)
 
 
 def _write(path, text):
@@ -216,26 +217,26 @@ def test_malformed_manifests_name_the_file(tmp_path, tsv, wrd, counts, error, me
   if counts is not None:
     _write(tmp_path / "train.cluster_counts", counts)
   with pytest.raises(error, match=message):
-    manifest_files.read_split(tmp_path, "train")
+    lrs3_files.read_split(tmp_path, "train")
 
 
 def test_manifest_level_errors_in_the_builder(tmp_path):
   with pytest.raises(FileNotFoundError, match="manual_dir"):
-    lrs3_manifest.Lrs3ManifestOptions(manual_dir=str(tmp_path / "nowhere"))
+    lrs3.Lrs3ManifestOptions(manual_dir=str(tmp_path / "nowhere"))
   with pytest.raises(ValueError, match="storage='png'"):
-    lrs3_manifest.Lrs3ManifestOptions(manual_dir=str(tmp_path), storage="png")
+    lrs3.Lrs3ManifestOptions(manual_dir=str(tmp_path), storage="png")
   _write(tmp_path / "train.tsv", "/r\nlrs3/en-de/x\ta.mp4\ta.wav\t3\t1920\n")
   _write(tmp_path / "train.wrd", "hallo\n")
-  opts = lrs3_manifest.Lrs3ManifestOptions(manual_dir=str(tmp_path),
+  opts = lrs3.Lrs3ManifestOptions(manual_dir=str(tmp_path),
                                            splits=(("train", "train"),))
   with pytest.raises(ValueError, match=r"train.tsv:2: manifest id 'lrs3/en-de/x': language "
                      r"pair 'en-de' has no task"):
-    lrs3_manifest.prepare(opts, tmp_path / "data")
+    lrs3.prepare(opts, tmp_path / "data")
   with pytest.raises(FileNotFoundError, match=r"valid.tsv not found"):
-    lrs3_manifest.prepare(lrs3_manifest.Lrs3ManifestOptions(
+    lrs3.prepare(lrs3.Lrs3ManifestOptions(
         manual_dir=str(tmp_path), splits=(("validation", "valid"),)), tmp_path / "data")
   with pytest.raises(FileNotFoundError, match=r"train.cluster_counts not found"):
-    manifest_files.read_split(tmp_path, "train", require_cluster_counts=True)
+    lrs3_files.read_split(tmp_path, "train", require_cluster_counts=True)
 
 
 @pytest.mark.parametrize("manifest_id, task, instruction", [

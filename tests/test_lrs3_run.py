@@ -8,8 +8,10 @@ import pytest
 
 from configs import common
 from configs import lrs3 as lrs3_config
-from vsrllm_jax import train, transcribe
-from vsrllm_jax.data import lrs3_fixture, video_io
+from vsrllm_jax import transcribe
+from vsrllm_jax.training import loop
+from vsrllm_jax.data.synthetic import lrs3_layout
+from vsrllm_jax.data import video_io
 from vsrllm_jax.models import avhubert, fairseq_checkpoint
 
 TINY_AVHUBERT = avhubert.AvHubertConfig(
@@ -25,9 +27,9 @@ def run(tmp_path_factory):
   for split, stem, num, task_names, seed in (("train", "train", 24, ("vsr", "vst_es"), 0),
                                              ("validation", "valid", 4, ("vsr", "vst_es"), 1),
                                              ("test", "test", 4, ("vsr",), 2)):
-    clips = lrs3_fixture.synthetic_clips(num, split=split, seed=seed, task_names=task_names,
+    clips = lrs3_layout.synthetic_clips(num, split=split, seed=seed, task_names=task_names,
                                          max_frames=60)
-    trees[split] = lrs3_fixture.write_lrs3_like_tree(manual, clips, stem)
+    trees[split] = lrs3_layout.write_lrs3_like_tree(manual, clips, stem)
   encoder_pt = str(root / "avhubert_tiny.pt")
   fairseq_checkpoint.save_avhubert(encoder_pt, TINY_AVHUBERT,
                                    avhubert.init_variables(TINY_AVHUBERT))
@@ -45,7 +47,7 @@ def run(tmp_path_factory):
   config.optim.schedules.main.warmup_steps = 1
   config.optim.schedules.main.hold_steps = 1
   workdir = str(root / "run")
-  train.train_and_evaluate(config, workdir)
+  loop.train_and_evaluate(config, workdir)
   return workdir, trees
 
 
@@ -88,7 +90,7 @@ def test_transcribe_says_what_it_expects(run, tmp_path):
 
 
 def test_raw_video_training_batches_crop_at_random_and_resume_exactly(run):
-  from vsrllm_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax.run import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from vsrllm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from vsrllm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   workdir, _ = run

@@ -1,4 +1,5 @@
-"""LRS3-style normaliser, corpus WER/CER and sacreBLEU BLEU (evaluation.py)."""
+"""LRS3-style normaliser, corpus WER/CER and sacreBLEU BLEU (inference/scoring.py), and
+decoding a split (inference/evaluation.py)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from vsrllm_jax import evaluation
+from vsrllm_jax.inference import evaluation, scoring
 from vsrllm_jax import sharding
 from vsrllm_jax.data import tokenizer as tokenizer_lib
 
@@ -31,7 +32,7 @@ from vsrllm_jax.data import tokenizer as tokenizer_lib
     ("bin blue at f two now", "bin blue at f two now"),  # GRID text is already normal
 ])
 def test_normalize_text(text, expected):
-  assert evaluation.normalize_text(text) == expected
+  assert scoring.normalize_text(text) == expected
 
 
 # Normalised: 'the cat sat' | 'on the mat' | 'hello world' | "don't stop"
@@ -40,25 +41,25 @@ HYPS = ["the cat sat down", "", "hello word", "Don\u2019t stop now please"]
 
 
 def test_wer_cer_are_corpus_level_hand_computed():
-  rates = evaluation.error_rates(REFS, HYPS)
+  rates = scoring.error_rates(REFS, HYPS)
   # Word edits: 1 insertion; 3 deletions (empty hypothesis); 1 substitution; 2 insertions.
   assert rates["wer"] == pytest.approx(7 / 10)
   # Character edits (spaces count): ' down' 5; 10 deleted; 'l' deleted 1; ' now please' 11.
   assert rates["cer"] == pytest.approx(27 / 42)
   # Not the mean of per-sentence rates (which would be 0.7083).
-  mean = np.mean([evaluation.error_rates([r], [h])["wer"] for r, h in zip(REFS, HYPS)])
+  mean = np.mean([scoring.error_rates([r], [h])["wer"] for r, h in zip(REFS, HYPS)])
   assert mean == pytest.approx((1 / 3 + 1 + 1 / 2 + 1) / 4) and mean != pytest.approx(0.7)
 
 
 def test_error_rates_edge_cases():
-  assert evaluation.error_rates(REFS, REFS) == {"wer": 0.0, "cer": 0.0}
+  assert scoring.error_rates(REFS, REFS) == {"wer": 0.0, "cer": 0.0}
   # An empty reference adds its hypothesis as insertions to the corpus totals.
-  rates = evaluation.error_rates(["a b", "?"], ["a b", "uh huh"])
+  rates = scoring.error_rates(["a b", "?"], ["a b", "uh huh"])
   assert rates["wer"] == pytest.approx(2 / 2) and rates["cer"] == pytest.approx(6 / 3)
   for refs, hyps in (([], []), ([""], ["x"])):
-    assert all(math.isnan(v) for v in evaluation.error_rates(refs, hyps).values())
+    assert all(math.isnan(v) for v in scoring.error_rates(refs, hyps).values())
   with pytest.raises(ValueError, match="2 references but 1 hypotheses"):
-    evaluation.error_rates(["a", "b"], ["a"])
+    scoring.error_rates(["a", "b"], ["a"])
 
 
 BLEU_REFS = ["the cat sat on the mat", "hello there world"]
@@ -69,7 +70,7 @@ def test_bleu_hand_computed_and_matches_sacrebleu_command_line(tmp_path):
   # Matched/total n-grams over the corpus: 1: 7/8, 2: 3/6, 3: 2/4, 4: 1/3; hyp 8 vs ref 9
   # words, so brevity penalty exp(1 - 9/8).
   expected = 100 * math.exp(1 - 9 / 8) * (7 / 8 * 3 / 6 * 2 / 4 * 1 / 3) ** 0.25
-  score = evaluation.bleu(BLEU_REFS, BLEU_HYPS)
+  score = scoring.bleu(BLEU_REFS, BLEU_HYPS)
   assert score == pytest.approx(expected, abs=1e-9)
   (tmp_path / "ref.txt").write_text("\n".join(BLEU_REFS) + "\n")
   (tmp_path / "hyp.txt").write_text("\n".join(BLEU_HYPS) + "\n")
@@ -80,11 +81,11 @@ def test_bleu_hand_computed_and_matches_sacrebleu_command_line(tmp_path):
 
 
 def test_bleu_identical_empty_and_mismatched():
-  assert evaluation.bleu(BLEU_REFS, BLEU_REFS) == pytest.approx(100.0)
-  assert evaluation.bleu(["a b c d"], ["w x y z"]) == 0.0
-  assert math.isnan(evaluation.bleu([], []))
+  assert scoring.bleu(BLEU_REFS, BLEU_REFS) == pytest.approx(100.0)
+  assert scoring.bleu(["a b c d"], ["w x y z"]) == 0.0
+  assert math.isnan(scoring.bleu([], []))
   with pytest.raises(ValueError, match="references but"):
-    evaluation.bleu(["a"], [])
+    scoring.bleu(["a"], [])
 
 
 @pytest.fixture(scope="module")
@@ -136,11 +137,11 @@ def test_evaluate_reports_wer_cer_bleu_over_real_rows(word_tok):
                                     eos_id=[tok.eos_token_id])
   assert [r["hypothesis"] for r in rows] == hyps[:6]
   assert rates["num_examples"] == 6
-  want = evaluation.error_rates(refs[:6], hyps[:6])
+  want = scoring.error_rates(refs[:6], hyps[:6])
   assert rates["wer"] == pytest.approx(want["wer"]) and rates["cer"] == pytest.approx(want["cer"])
   # Real rows 0-5: 1 + 1 deletions, 1 insertion, then 1 deletion again; 36 reference words.
   assert rates["wer"] == pytest.approx(4 / 36)
-  assert rates["bleu"] == pytest.approx(evaluation.bleu(refs[:6], hyps[:6]))
+  assert rates["bleu"] == pytest.approx(scoring.bleu(refs[:6], hyps[:6]))
   assert 0 < rates["bleu"] < 100
   assert jax.device_count() == 8
 
@@ -150,8 +151,8 @@ def test_rates_per_task_when_a_split_mixes_recognition_and_translation():
           dict(id="b", reference="a dog ran", hypothesis="a cat ran", task="vsr"),
           dict(id="c", reference="el gato negro duerme", hypothesis="el gato negro duerme",
                task="vst_es")]
-  rates = evaluation.summarize_rows(rows)
+  rates = scoring.summarize_rows(rows)
   assert rates["num_examples"] == 3 and rates["vsr/num_examples"] == 2
   assert rates["vsr/wer"] == pytest.approx(1 / 6)
   assert rates["vst_es/bleu"] == pytest.approx(100.0)
-  assert "vsr/wer" not in evaluation.summarize_rows(rows[:2])   # one task, recognition only
+  assert "vsr/wer" not in scoring.summarize_rows(rows[:2])   # one task, recognition only

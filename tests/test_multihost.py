@@ -1,4 +1,4 @@
-"""Two real CPU processes on localhost joined by jax.distributed (tests/multihost_worker.py).
+"""Two real CPU processes on localhost joined by jax.distributed (tests/helpers/multihost_worker.py).
 
 Each reads its own shard of the global batch, the global batch is assembled
 from them, one train step runs over both processes' devices, and orbax saves
@@ -26,7 +26,7 @@ def _launch(process_id, num_processes, devices, port, workdir, out):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   return subprocess.Popen(
-      [sys.executable, "-m", "tests.multihost_worker", str(process_id), str(num_processes),
+      [sys.executable, "-m", "tests.helpers.multihost_worker", str(process_id), str(num_processes),
        str(port), str(workdir), str(out)],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -83,9 +83,9 @@ def test_orbax_saves_and_restores_from_both_processes(runs):
 
 def test_distributed_settings_from_the_environment_must_be_complete():
   from absl import app  # pylint: disable=g-import-not-at-top
-  from vsrllm_jax import train  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax.run import distributed  # pylint: disable=g-import-not-at-top
   with pytest.raises(app.UsageError, match="JAX_NUM_PROCESSES, JAX_PROCESS_ID not set"):
-    train.initialize_distributed({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+    distributed.initialize_distributed({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
   with pytest.raises(app.UsageError, match="must be integers"):
-    train.initialize_distributed({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+    distributed.initialize_distributed({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
                                   "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"})

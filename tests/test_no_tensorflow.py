@@ -6,7 +6,7 @@ import os
 import pathlib
 import re
 
-from tests import no_tf
+from tests.helpers import no_tf
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "vsrllm_jax"
 _TF_IMPORT = re.compile(r"^\s*(import tensorflow\b|from tensorflow\b|from clu import metric_writers)",
@@ -16,7 +16,7 @@ _TF_IMPORT = re.compile(r"^\s*(import tensorflow\b|from tensorflow\b|from clu im
 def test_only_the_metric_writer_module_imports_tensorflow():
   importers = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                      if _TF_IMPORT.search(p.read_text()))
-  assert importers == ["metric_writers.py"], importers
+  assert importers == ["run/metrics.py"], importers
 
 
 def test_train_run_without_tensorflow(tmp_path):
@@ -24,12 +24,12 @@ def test_train_run_without_tensorflow(tmp_path):
   code = f"""
 import os, sys
 os.environ["VSRLLM_DATA_DIR"] = {str(tmp_path / 'data')!r}
-from tests.tiny_run_config import get_config
-from vsrllm_jax import train
+from tests.helpers.tiny_run_config import get_config
+from vsrllm_jax.training import loop
 config = get_config("steps=2")
 config.eval_every = 2
 config.profile_steps = (1, 1)   # the profiler hook needs no TF either
-result = train.train_and_evaluate(config, {str(workdir)!r})
+result = loop.train_and_evaluate(config, {str(workdir)!r})
 print("RESULT", result)
 """
   proc = no_tf.run_without_tensorflow(code, cwd=no_tf.REPO_ROOT, timeout=600,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from vsrllm_jax import optim
+from vsrllm_jax.training import optim
 
 PARAMS = {"encoder": {"w": jnp.ones((3, 3))}, "projector": {"a": {"kernel": jnp.ones((3, 2)),
                                                                 "bias": jnp.zeros(2)}},

@@ -3,9 +3,11 @@ import jax
 import numpy as np
 import pytest
 
-from tests.tiny import tiny_config
+from tests.helpers.tiny import tiny_config
 from tests.test_train_step import make
-from vsrllm_jax import sharding, train_state, train_step
+from vsrllm_jax import sharding
+from vsrllm_jax.data import batch as batch_lib
+from vsrllm_jax.training import step as step_lib
 from vsrllm_jax.models import build as build_lib
 from vsrllm_jax.models import projectors
 
@@ -41,19 +43,19 @@ def test_projector_interface(name):
 def test_loss_weights_must_match_produced_losses():
   config = tiny_config("multiscale_contrastive")
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  state, _, _ = make(config, mesh)
+  _, _, layout = make(config, mesh)
   model = build_lib.build_model(config)
-  batch = train_state.dummy_batch(config, 2)
-  assert train_step.check_loss_weights(model, state, config, batch) == ["contrastive", "lm"]
+  batch = batch_lib.dummy_batch(config, 2)
+  assert step_lib.check_loss_weights(model, layout, config, batch) == ["contrastive", "lm"]
   with config.unlocked():
     config.loss_weights.routing = 0.1
   with pytest.raises(ValueError, match="routing.*which no part of the model produces"):
-    train_step.check_loss_weights(model, state, config, batch)
+    step_lib.check_loss_weights(model, layout, config, batch)
   with config.unlocked():
     del config.loss_weights["routing"]
     del config.loss_weights["contrastive"]
   with pytest.raises(ValueError, match="contrastive.*no weight"):
-    train_step.check_loss_weights(model, state, config, batch)
+    step_lib.check_loss_weights(model, layout, config, batch)
 
 
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from tests.test_projectors_query import _fast_compile_options, perturb
-from tests.tiny import random_batch, tiny_config
-from vsrllm_jax import losses, train_step
+from tests.helpers.tiny import random_batch, tiny_config
+from vsrllm_jax.models import contrastive
+from vsrllm_jax.training import step as step_lib
 from vsrllm_jax.models import build as build_lib
 from vsrllm_jax.models import projectors
-from vsrllm_jax.models.projectors import text_aware
 
 QUERY = dict(num_queries=3, num_layers=1, num_heads=2, mlp_ratio=2, time_embedding_dim=8)
 FIELDS = {
@@ -166,8 +166,8 @@ def test_visual_text_info_nce_matches_numpy():
   embeds = rng.normal(size=(5, 4, 6))
   mask = np.arange(4)[None] < np.array([4, 2, 0, 1, 3])[:, None]    # row 2 has no label
   valid = np.array([1, 1, 1, 1, 0], bool)                           # row 4 is a filler
-  got = losses.visual_text_info_nce(jnp.asarray(pooled, jnp.float32),
-                                    jnp.asarray(embeds, jnp.float32), mask, 0.2, valid)
+  got = contrastive.visual_text_info_nce(jnp.asarray(pooled, jnp.float32),
+                                         jnp.asarray(embeds, jnp.float32), mask, 0.2, valid)
   np.testing.assert_allclose(float(got), _numpy_visual_text(pooled, embeds, mask, 0.2, valid),
                              rtol=1e-5)
 
@@ -179,7 +179,7 @@ def test_compute_losses_adds_visual_text_and_check_loss_weights_lists_it():
   model = build_lib.build_model(config)
   batch = feature_batch(config, seed=3)
   params = nn.meta.unbox(jit(model.init)(jax.random.key(0), batch)["params"])
-  named, _ = jit(lambda p, b: train_step.compute_losses(model, p, {}, b, train=False))(
+  named, _ = jit(lambda p, b: step_lib.compute_losses(model, p, {}, b, train=False))(
       params, batch)
   out = jit(lambda p, b: model.apply({"params": p}, b))(params, batch)
   pooled = np.asarray(out["projector"].embeddings["pooled"], np.float64)
@@ -189,15 +189,16 @@ def test_compute_losses_adds_visual_text_and_check_loss_weights_lists_it():
   np.testing.assert_allclose(float(named["visual_text"]), expected, rtol=1e-4)
 
   state = types.SimpleNamespace(params=params, model_state={})
-  assert train_step.check_loss_weights(model, state, config, batch) == [
+  assert step_lib.check_loss_weights(model, state, config, batch) == [
       "contrastive", "lm", "visual_text"]
   del config.loss_weights["visual_text"]
   with pytest.raises(ValueError, match="visual_text"):
-    train_step.check_loss_weights(model, state, config, batch)
+    step_lib.check_loss_weights(model, state, config, batch)
 
 
 def test_only_visual_text_projectors_produce_the_loss():
-  assert text_aware.visual_text_temperature(dict(name="text_multiscale_contrastive")) == 0.07
+  """Declared through the projector interface (``label_losses``), read by the registry."""
+  assert "visual_text" in projectors.loss_names(dict(name="text_multiscale_contrastive"))
   for name in NAMES + ["multiscale_contrastive", "qformer"]:
     if name != "text_multiscale_contrastive":
-      assert text_aware.visual_text_temperature(dict(name=name)) is None, name
+      assert "visual_text" not in projectors.loss_names(dict(name=name)), name

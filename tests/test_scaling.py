@@ -9,8 +9,11 @@ import numpy as np
 import optax
 import pytest
 
-from tests.tiny import random_batch, tiny_config
-from vsrllm_jax import losses, optim, sharding, throughput, train_state, train_step
+from tests.helpers.tiny import random_batch, tiny_config
+from vsrllm_jax.training import losses, optim, step as step_lib
+from vsrllm_jax import sharding
+from vsrllm_jax.run import state as state_lib
+from vsrllm_jax.run import throughput
 from vsrllm_jax.models import build as build_lib
 from vsrllm_jax.models import layers
 
@@ -21,9 +24,10 @@ def _setup(config, shape):
   devices = jax.devices()[:int(np.prod(shape))]
   mesh = sharding.make_mesh(shape, devices)
   model = build_lib.build_model(config)
-  state, shardings, labels, tx, schedules = train_state.create_with_optimizer(model, config, mesh)
+  layout = state_lib.layout(model, config, mesh)
+  state = state_lib.create(model, config, layout)
   batch = sharding.global_batch(random_batch(config, config.batch_size, seed=5), mesh)
-  return mesh, model, state, shardings, labels, tx, schedules, batch
+  return mesh, model, layout, state, batch
 
 
 def _loss_and_grads(config, model, labels, mesh):
@@ -35,7 +39,7 @@ def _loss_and_grads(config, model, labels, mesh):
       trainable, frozen = optim.split(params, labels)
 
       def loss(t):
-        named, _ = train_step.compute_losses(model, optim.merge(t, jax.lax.stop_gradient(frozen)),
+        named, _ = step_lib.compute_losses(model, optim.merge(t, jax.lax.stop_gradient(frozen)),
                                              model_state, batch, train=True,
                                              rng=jax.random.key(1))
         return losses.weighted_total(named, weights)
@@ -49,8 +53,8 @@ def per_mesh():
   config = tiny_config("multiscale_contrastive")
   out = {}
   for shape in MESHES:
-    mesh, model, state, _, labels, _, _, batch = _setup(config, shape)
-    loss, grads = _loss_and_grads(config, model, labels, mesh)(
+    mesh, model, layout, state, batch = _setup(config, shape)
+    loss, grads = _loss_and_grads(config, model, layout.labels, mesh)(
         state.params, state.model_state, batch)
     out[shape] = (float(loss), jax.tree.map(np.asarray, grads), state)
   return out
@@ -80,7 +84,9 @@ def test_presets_shard_params_as_their_rules_say(preset):
   config.sharding = preset
   mesh = sharding.make_mesh((2, 2, 2))
   model = build_lib.build_model(config)
-  state, _, labels, tx, _ = train_state.create_with_optimizer(model, config, mesh)
+  layout = state_lib.layout(model, config, mesh)
+  state = state_lib.create(model, config, layout)
+  labels, tx = layout.labels, layout.tx
   llm = flax.traverse_util.flatten_dict(state.params["llm"])
   axes = {"/".join(k): _spec_axes(v) for k, v in llm.items()}
   q = state.params["llm"]["layers"]["self_attn"]["q_proj"]["kernel"]   # [L, E, H, D]
@@ -114,8 +120,8 @@ def test_unknown_preset_is_an_error_naming_the_key():
 
 def test_step_compiles_once_over_five_steps():
   config = tiny_config("mlp")
-  mesh, model, state, shardings, labels, tx, schedules, _ = _setup(config, (2, 2, 2))
-  step = train_step.make_train_step(model, tx, labels, config, schedules, shardings, mesh)
+  mesh, model, layout, state, _ = _setup(config, (2, 2, 2))
+  step = step_lib.make_train_step(model, config, layout)
   for i in range(5):   # new data every step, same shapes
     batch = sharding.global_batch(random_batch(config, config.batch_size, seed=10 + i), mesh)
     state, metrics = step(state, batch)
@@ -126,28 +132,27 @@ def test_step_compiles_once_over_five_steps():
 def test_bf16_frozen_storage_keeps_trainables_and_optimizer_state_in_fp32():
   config = tiny_config("mlp")
   config.dtype, config.frozen_param_dtype = "bfloat16", "bfloat16"
-  mesh, model, state, shardings, labels, tx, schedules, batch = _setup(config, (2, 2, 2))
+  _, model, layout, state, batch = _setup(config, (2, 2, 2))
   flat = flax.traverse_util.flatten_dict(state.params)
   for k, v in flat.items():
     want = jnp.float32 if k[0] == "projector" else jnp.bfloat16
     assert v.dtype == want, ("/".join(k), v.dtype)
   assert {x.dtype for x in jax.tree.leaves(state.opt_state) if x.ndim} == {jnp.dtype("float32")}
-  step = train_step.make_train_step(model, tx, labels, config, schedules, shardings, mesh)
+  step = step_lib.make_train_step(model, config, layout)
   new, metrics = step(state, batch)
   assert all(v.dtype == flat[k].dtype
              for k, v in flax.traverse_util.flatten_dict(new.params).items())
   # Same objective as fp32 to bf16 accuracy.
   config32 = tiny_config("mlp")
-  _, model32, state32, sh32, labels32, tx32, sched32, batch32 = _setup(config32, (2, 2, 2))
-  _, m32 = train_step.make_train_step(model32, tx32, labels32, config32, sched32, sh32, mesh)(
-      state32, batch32)
+  _, model32, layout32, state32, batch32 = _setup(config32, (2, 2, 2))
+  _, m32 = step_lib.make_train_step(model32, config32, layout32)(state32, batch32)
   assert float(metrics["train/lm"]) == pytest.approx(float(m32["train/lm"]), rel=2e-2)
 
 
 def _compiled_step(config):
-  mesh, model, state, shardings, labels, tx, schedules, batch = _setup(config, (1, 1, 1))
+  _, model, layout, state, batch = _setup(config, (1, 1, 1))
   with layers.unrolled_scans():   # XLA counts a loop body once; unrolled, it counts all
-    step = train_step.make_train_step(model, tx, labels, config, schedules, shardings, mesh)
+    step = step_lib.make_train_step(model, config, layout)
     compiled = step.lower(state, batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -181,7 +186,7 @@ def test_frozen_llm_runs_no_weight_gradient_matmuls():
 
 def test_model_flops_of_the_llm_follow_the_formula():
   config = tiny_config("mlp")
-  mesh, model, state, *_ , batch = _setup(config, (1, 1, 1))
+  _, model, _, state, batch = _setup(config, (1, 1, 1))
   cfg = model.llm_config
   mf = throughput.model_flops(model, state.params, state.model_state, batch)
   b, li, ll = (batch["instruction_ids"].shape[0], batch["instruction_ids"].shape[1],

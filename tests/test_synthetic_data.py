@@ -7,11 +7,11 @@ import importlib
 import numpy as np
 import pytest
 
-from vsrllm_jax.data import grid_grammar
-from vsrllm_jax.data import mouth_renderer
-from vsrllm_jax.data import synthetic_lips
-from vsrllm_jax.data import visemes
-from vsrllm_jax.data.synthetic_spec import SPLITS, SyntheticLipsSpec, max_speech_visemes
+from vsrllm_jax.data.synthetic import grid_grammar
+from vsrllm_jax.data.synthetic import mouth_renderer
+from vsrllm_jax.data.synthetic import synthetic_lips
+from vsrllm_jax.data.synthetic import visemes
+from vsrllm_jax.data.synthetic.spec import SPLITS, SyntheticLipsSpec, max_speech_visemes
 
 SPEC = SyntheticLipsSpec(image_size=16, max_frames=48, train_clips=40, validation_clips=8,
                          test_clips=8, generation_seed=0)

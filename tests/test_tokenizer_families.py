@@ -17,9 +17,9 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from tokenizers import pre_tokenizers, processors, trainers
 
 from configs import common
-from vsrllm_jax import resolve
-from vsrllm_jax.data import grid_grammar
-from vsrllm_jax.data import pipeline
+from vsrllm_jax.run import setup as setup_lib
+from vsrllm_jax.data.synthetic import grid_grammar
+from vsrllm_jax.data import examples
 from vsrllm_jax.data import tokenizer as tokenizer_lib
 
 INSTRUCTION = "Recognize this speech in English. Input:"
@@ -236,9 +236,9 @@ def test_missing_chat_template_is_a_clear_error(loaded, family_dirs):
   config.llm.tokenizer_path = family_dirs["llama2"]
   config.data.chat_template = True
   with pytest.raises(ValueError, match=r"data\.chat_template"):
-    resolve.resolve_config(config)
+    setup_lib.resolve_config(config)
   config.llm.tokenizer_path = family_dirs["gemma_instruct"]
-  _, tok = resolve.resolve_config(config)
+  _, tok = setup_lib.resolve_config(config)
   assert tok.pad_token_id == _id(tok, "<pad>")
 
 
@@ -262,7 +262,7 @@ def _data_cfg(chat_template, max_instruction_tokens=48):
 def test_pipeline_encoder_uses_family_ids(loaded, family, chat):
   tok = loaded[family]
   special = tokenizer_lib.special_tokens(tok, chat_template=chat)
-  encoder = pipeline._Encoder(_data_cfg(chat), tok)  # pylint: disable=protected-access
+  encoder = examples.ExampleEncoder(_data_cfg(chat), tok)
   record = {"id": "x", "text": SENTENCES[1], "video": np.zeros((3, 8, 8, 1), np.uint8)}
   example = encoder(0, record)
   instr = tokenizer_lib.instruction_ids(tok, INSTRUCTION, special, chat_template=chat)
@@ -275,7 +275,7 @@ def test_pipeline_encoder_uses_family_ids(loaded, family, chat):
   filler = encoder.filler()
   assert (filler["label_ids"] == special.pad_id).all() and not filler["label_mask"].any()
   with pytest.raises(ValueError, match="data.max_instruction_tokens"):
-    pipeline._Encoder(_data_cfg(chat, len(instr) - 1), tok)  # pylint: disable=protected-access
+    examples.ExampleEncoder(_data_cfg(chat, len(instr) - 1), tok)
 
 
 def test_embedded_word_tokenizer_ids_unchanged(tmp_path):

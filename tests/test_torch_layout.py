@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.tiny import random_batch, tiny_config
+from tests.helpers.tiny import random_batch, tiny_config
 from vsrllm_jax import torch_layout
 from vsrllm_jax.models import build as build_lib
 from vsrllm_jax.models import projectors

@@ -20,7 +20,7 @@ import torch
 
 from tests import test_avhubert as fairseq_ref
 from tests.helpers.numerics import assert_close
-from tests.tiny import random_batch, tiny_config
+from tests.helpers.tiny import random_batch, tiny_config
 from vsrllm_jax import torch_layout
 from vsrllm_jax.models import avhubert as jax_avhubert
 from vsrllm_jax.models import build as build_lib

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests.helpers.numerics import assert_close
-from tests.torch_port_parity import (assert_config_fields_match, assert_matches,
-                                     projector_case_fixture, to_torch)
+from tests.helpers.torch_port_parity import (assert_config_fields_match, assert_matches,
+                                             projector_case_fixture, to_torch)
 from vsrllm_jax.torch_port import projectors as torch_projectors
 
 NAMES = ["qformer", "enhanced_qformer", "blip2_qformer"]

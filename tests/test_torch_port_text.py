@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from tests.helpers.numerics import assert_close
-from tests.torch_port_parity import (ATOL_FRAC, RTOL, assert_config_fields_match,
-                                     assert_matches, case_id, run_case)
+from tests.helpers.torch_port_parity import (ATOL_FRAC, RTOL, assert_config_fields_match, assert_matches,
+                                             case_id, run_case)
 from vsrllm_jax.models import projectors as jax_projectors
 from vsrllm_jax.torch_port import projectors as torch_projectors
 from vsrllm_jax.torch_port.projectors import moe as torch_moe

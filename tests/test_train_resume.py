@@ -15,14 +15,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from vsrllm_jax import checkpoint
+from vsrllm_jax.run import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
 
 
 def _command(workdir):
-  return [sys.executable, "-m", "vsrllm_jax.train", "--config=tests/tiny_run_config.py",
+  return [sys.executable, "-m", "vsrllm_jax.train", "--config=tests/helpers/tiny_run_config.py",
           f"--config.total_steps={STEPS}", f"--workdir={workdir}"]
 
 

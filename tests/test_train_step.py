@@ -6,25 +6,28 @@ import jax
 import numpy as np
 import pytest
 
-from tests.tiny import random_batch, tiny_config
-from vsrllm_jax import optim, sharding, train_state, train_step
+from tests.helpers.tiny import random_batch, tiny_config
+from vsrllm_jax.training import optim, step as step_lib
+from vsrllm_jax import sharding
+from vsrllm_jax.run import state as state_lib
 from vsrllm_jax.models import build as build_lib
 
 
 def make(config, mesh):
+  """(state, jitted train step, layout) of the config's model, freshly initialised."""
   model = build_lib.build_model(config)
-  state, shardings, labels, tx, schedules = train_state.create_with_optimizer(model, config, mesh)
-  step = train_step.make_train_step(model, tx, labels, config, schedules, shardings, mesh)
-  return state, step, labels
+  layout = state_lib.layout(model, config, mesh)
+  return state_lib.create(model, config, layout), step_lib.make_train_step(model, config,
+                                                                           layout), layout
 
 
 @pytest.fixture(scope="module")
 def single():
   config = tiny_config("multiscale_contrastive")
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  state, step, labels = make(config, mesh)
+  state, step, layout = make(config, mesh)
   batch = sharding.global_batch(random_batch(config, config.batch_size), mesh)
-  return config, mesh, state, step, labels, batch
+  return config, mesh, state, step, layout.labels, batch
 
 
 def _flat(tree):

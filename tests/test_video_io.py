@@ -7,7 +7,8 @@ import av
 import numpy as np
 import pytest
 
-from vsrllm_jax.data import lrs3_fixture
+from tests.helpers import lrs3_fixture
+from vsrllm_jax.data.synthetic import lrs3_layout
 from vsrllm_jax.data import video_io
 
 
@@ -94,7 +95,7 @@ def test_lossy_crf_is_close_and_smaller(tmp_path, clip):
     ("truncated_video", video_io.CorruptVideoError),
 ])
 def test_broken_files_raise_typed_errors_naming_the_file(tmp_path, kind, error):
-  tree = lrs3_fixture.write_lrs3_like_tree(
+  tree = lrs3_layout.write_lrs3_like_tree(
       tmp_path, [("lrs3/en-en/a", _pattern(frames=10), "a", None)])
   lrs3_fixture.break_sample(tree, 0, kind)
   path = tree["videos"][0]

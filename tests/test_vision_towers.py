@@ -21,7 +21,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from tests.helpers.numerics import assert_close
-from tests.image_fixtures import perturbed
+from tests.helpers.image_fixtures import perturbed
 from vsrllm_jax import sharding
 from vsrllm_jax.models import vision_checkpoint, vision_tower
 

@@ -39,54 +39,35 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from vsrllm_jax import checkpoint, optim, resolve, sharding, torch_layout, train_state
-from vsrllm_jax import workdir as workdir_lib
+from vsrllm_jax import torch_layout
+from vsrllm_jax.data import batch as batch_lib
 from vsrllm_jax.data import tasks as tasks_lib
 from vsrllm_jax.data import tokenizer as tokenizer_lib
-from vsrllm_jax.models import avhubert, build as build_lib, encoder_io, encoders, hf_checkpoint
-from vsrllm_jax.models import fairseq_checkpoint, projectors, video_encoder, vision_tower
+from vsrllm_jax.models import avhubert, encoder_io, encoders, hf_checkpoint
+from vsrllm_jax.models import fairseq_checkpoint, video_encoder, vision_tower
 from vsrllm_jax.models import vision_checkpoint
 from vsrllm_jax.models.vsr_model import VSRModel
+from vsrllm_jax.run import open as open_lib
+from vsrllm_jax.training import optim
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "vsrllm_config.json"
 
 
-def _define_flags():
-  flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
-  flags.DEFINE_string("output", None, "The export directory (must not exist).", required=True)
-  flags.DEFINE_integer("step", None, "Checkpoint step from checkpoints/ (default: the best).")
+def define_flags(flag_values=flags.FLAGS) -> None:
+  """The command's flags, defined only when run as a program (see train.define_flags)."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True, **fv)
+  flags.DEFINE_string("output", None, "The export directory (must not exist).", required=True,
+                      **fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step from checkpoints/ (default: the best).",
+                       **fv)
   flags.DEFINE_bool("llm_reference", False, "Frozen pretrained LLM: write a reference to "
-                    "config.llm.path instead of a copy of its weights.")
-
-
-def _restore(workdir: str, step: int | None):
-  """(config, tokenizer, model, params, model_state, labels, step) of the run's checkpoint."""
-  config = workdir_lib.load_config(workdir)
-  name = config.projector.name
-  if name not in projectors.names():
-    raise ValueError(f"{workdir}/config.json names projector {name!r}, which this code does "
-                     f"not have; known: {projectors.names()}")
-  config, tok = resolve.resolve_config(config)
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  model = build_lib.build_model(config)
-  abstract, labels, _, _ = train_state.abstract_state(model, config, mesh)
-  ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
-  best = step is None
-  step = ckpts.best.best_step() if best else step
-  if step is None:
-    raise FileNotFoundError(f"{workdir}/{checkpoint.BEST_DIR} holds no checkpoint; pass --step")
-  if not best and step not in ckpts.latest.all_steps():
-    raise FileNotFoundError(f"no checkpoint {step} in {workdir}/{checkpoint.LATEST_DIR}; have "
-                            f"{ckpts.latest.all_steps()}")
-  state, _ = ckpts.restore(step, abstract, best=best)
-  ckpts.close()
-  return config, tok, model, jax.device_get(state.params), jax.device_get(state.model_state), \
-      labels, step
+                    "config.llm.path instead of a copy of its weights.", **fv)
 
 
 def _sample_batch(config) -> dict:
-  batch = train_state.dummy_batch(config, 1)
+  batch = batch_lib.dummy_batch(config, 1)
   return {k: np.asarray(v) for k, v in batch.items()}
 
 
@@ -165,7 +146,10 @@ def convert(workdir: str, output: str, step: int | None = None,
   output = os.path.abspath(output)
   if os.path.exists(output):
     raise FileExistsError(f"--output={output} exists; choose a new directory")
-  config, tok, model, params, model_state, labels, step = _restore(workdir, step)
+  run = open_lib.open_run(workdir, step=step, on_host=True)
+  config, tok, model, labels, step = (run.config, run.setup.tokenizer, run.model, run.labels,
+                                      run.step)
+  params, model_state = run.host_weights()
   parent = os.path.dirname(output)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
@@ -236,5 +220,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
+  define_flags()
   app.run(main)

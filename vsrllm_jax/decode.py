@@ -4,8 +4,8 @@ r"""Decodes a split with a trained run and scores it.
       [--strategy=greedy|sample|beam] [--beam_size=K] [--length_penalty=A]
       [--temperature=T] [--top_p=P]
 
-Reads the run's config.json (``--config`` replaces it), restores the best
-checkpoint by validation WER (or ``--step`` from checkpoints/), decodes with
+Opens the run (``run.open``: its config.json, or ``--config`` in its place, and
+the weights of the best checkpoint by validation WER or of ``--step``), decodes with
 ``config.decode`` (greedy by default), writes ``WORKDIR/decode/<split>.jsonl``
 lines ``{"id", "reference", "hypothesis"}`` and prints WER and CER.
 
@@ -26,22 +26,25 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from vsrllm_jax import checkpoint, evaluation, experiment
-from vsrllm_jax import workdir as workdir_lib
-from vsrllm_jax.models import generation
+from vsrllm_jax.inference import evaluation, generation, scoring
+from vsrllm_jax.run import open as open_lib
+from vsrllm_jax.run import workdir as workdir_lib
 
-def _define_flags():
-  """The command's flags, defined only when run as a program (see train._define_flags)."""
-  flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
-  flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split to decode.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the best).")
+
+def define_flags(flag_values=flags.FLAGS) -> None:
+  """The command's flags, defined only when run as a program (see train.define_flags)."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True, **fv)
+  flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split to decode.", **fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the best).", **fv)
   config_flags.DEFINE_config_file("config", None, "Overrides the run's config.json.",
-                                  lock_config=True)
-  flags.DEFINE_enum("strategy", None, list(generation.STRATEGIES), "Overrides decode.strategy.")
-  flags.DEFINE_integer("beam_size", None, "Overrides decode.beam_size.")
-  flags.DEFINE_float("length_penalty", None, "Overrides decode.length_penalty.")
-  flags.DEFINE_float("temperature", None, "Overrides decode.temperature.")
-  flags.DEFINE_float("top_p", None, "Overrides decode.top_p.")
+                                  lock_config=True, **fv)
+  flags.DEFINE_enum("strategy", None, list(generation.STRATEGIES), "Overrides decode.strategy.",
+                    **fv)
+  flags.DEFINE_integer("beam_size", None, "Overrides decode.beam_size.", **fv)
+  flags.DEFINE_float("length_penalty", None, "Overrides decode.length_penalty.", **fv)
+  flags.DEFINE_float("temperature", None, "Overrides decode.temperature.", **fv)
+  flags.DEFINE_float("top_p", None, "Overrides decode.top_p.", **fv)
 
 
 def with_decode_options(config, **options):
@@ -67,23 +70,11 @@ def decode(workdir: str, split: str = "test", step: int | None = None, config=No
   ``decode_options`` (e.g. strategy='beam', beam_size=8) override config.decode.
   """
   config = with_decode_options(workdir_lib.load_config(workdir, config), **decode_options)
-  exp = experiment.Experiment(config)
-  ckpts = checkpoint.Checkpoints(workdir, exp.config.keep_checkpoints)
-  best = step is None
-  if best:
-    step = ckpts.best.best_step()
-    if step is None:
-      raise FileNotFoundError(f"{workdir}/{checkpoint.BEST_DIR} holds no checkpoint; pass --step")
-  elif step not in ckpts.latest.all_steps():
-    raise FileNotFoundError(f"no checkpoint {step} in {workdir}/{checkpoint.LATEST_DIR}; have "
-                            f"{ckpts.latest.all_steps()}")
-  state, _ = ckpts.restore(step, checkpoint.abstract_like(exp.state), best=best)
-  ckpts.close()
-  rates, rows = evaluation.evaluate(exp.predict_fn(), state.params, state.model_state,
-                                    exp.eval_batches(split), exp.mesh, exp.tokenizer,
-                                    eos_id=exp.eos_ids)
+  run = open_lib.open_run(workdir, step=step, config=config)
+  rows = run.decode(run.data().eval_batches(split))
   path = evaluation.write_decodes(workdir, split, rows)
-  return dict(rates, step=step, slot_accuracy=evaluation.slot_accuracy(rows), path=path)
+  return dict(scoring.summarize_rows(rows), step=run.step,
+              slot_accuracy=scoring.slot_accuracy(rows), path=path)
 
 
 def main(argv):
@@ -98,5 +89,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
+  define_flags()
   app.run(main)

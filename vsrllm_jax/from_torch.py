@@ -22,17 +22,18 @@ import numpy as np
 from absl import app, flags
 from safetensors.numpy import load_file
 
-from vsrllm_jax import checkpoint, convert, optim, sharding, torch_layout, train_state
-from vsrllm_jax import workdir as workdir_lib
+from vsrllm_jax import convert, sharding, torch_layout
 from vsrllm_jax.models import build as build_lib
 from vsrllm_jax.models import encoder_io, encoders, fairseq_checkpoint, hf_checkpoint
 from vsrllm_jax.models.vsr_model import VSRModel
+from vsrllm_jax.run import checkpoint, state as state_lib
+from vsrllm_jax.run import workdir as workdir_lib
 
 
 CONFIG_PY = '''"""The config of a run imported by vsrllm_jax.from_torch: its config.json."""
 import os
 
-from vsrllm_jax import workdir
+from vsrllm_jax.run import workdir
 
 
 def get_config():
@@ -40,10 +41,13 @@ def get_config():
 '''
 
 
-def _define_flags():
-  flags.DEFINE_string("export", None, "A directory written by vsrllm_jax.convert.", required=True)
+def define_flags(flag_values=flags.FLAGS) -> None:
+  """The command's flags, defined only when run as a program (see train.define_flags)."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("export", None, "A directory written by vsrllm_jax.convert.", required=True,
+                      **fv)
   flags.DEFINE_string("workdir", None, "The new run's workdir (must hold no checkpoints).",
-                      required=True)
+                      required=True, **fv)
 
 
 def read_export(export: str) -> dict:
@@ -109,26 +113,24 @@ def import_export(export: str, workdir: str) -> int:
     encoder_io.save_encoder(config.encoder.path, model.encoder_config,
                             jax.tree.map(lambda x: np.asarray(x, np.float32), enc_vars))
 
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  abstract, labels, tx, _ = train_state.abstract_state(model, config, mesh)
   _, llm_params = hf_checkpoint.from_pretrained(config.llm.path, dtype=config.dtype,
-                                                param_dtype=train_state.frozen_dtype(config))
+                                                param_dtype=state_lib.frozen_dtype(config))
   projector = torch_layout.from_state_dict(
       load_file(os.path.join(export, meta["projector"]["file"])),
       convert.projector_rules(model, config))
   params = {"llm": llm_params, "encoder": enc_vars["params"], **projector}
-  missing = sorted(set(abstract.params) - set(params))
+  layout = state_lib.layout(model, config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+  missing = sorted(set(layout.params) - set(params))
   if missing:
     raise ValueError(f"{export}: the export has no weights for {missing}")
-  params = _cast_like({k: params[k] for k in abstract.params}, abstract.params)
   model_state = {}
-  if abstract.model_state.get("batch_stats"):
-    model_state = {"batch_stats": _cast_like({"encoder": enc_vars["batch_stats"]},
-                                             abstract.model_state["batch_stats"])}
-  trainable, _ = optim.split(params, labels)
+  if layout.model_state.get("batch_stats"):
+    model_state = {"batch_stats": {"encoder": enc_vars["batch_stats"]}}
+  state = state_lib.create(model, config, layout,
+                           pretrained_params={k: params[k] for k in layout.params},
+                           pretrained_model_state=model_state)
   step = int(meta["source"]["step"])
-  state = train_state.TrainState(step=jnp.asarray(step, jnp.int32), params=params,
-                                 opt_state=tx.init(trainable), model_state=model_state)
+  state = state.replace(step=jax.device_put(jnp.asarray(step, jnp.int32), state.step.sharding))
   workdir_lib.write_run_info(workdir, config)
   with open(os.path.join(workdir, "config.py"), "w") as f:
     f.write(CONFIG_PY)
@@ -136,15 +138,6 @@ def import_export(export: str, workdir: str) -> int:
   ckpts.save(step, state, None, meta={"imported_from": os.path.abspath(export)})
   ckpts.close()
   return step
-
-
-def _cast_like(tree, abstract):
-  """Host arrays in the abstract tree's dtypes; the structures must match exactly."""
-  want = jax.tree.structure(abstract)
-  if jax.tree.structure(tree) != want:
-    raise ValueError(f"imported params do not match the model's tree:\nmodel: {want}\n"
-                     f"export: {jax.tree.structure(tree)}")
-  return jax.tree.map(lambda x, a: np.asarray(x).astype(a.dtype), tree, abstract)
 
 
 def main(argv):
@@ -155,5 +148,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
+  define_flags()
   app.run(main)

@@ -24,22 +24,22 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from vsrllm_jax import checkpoint, evaluation, experiment
-from vsrllm_jax import workdir as workdir_lib
 from vsrllm_jax.data import pipeline, tasks, video_io
+from vsrllm_jax.run import open as open_lib
+from vsrllm_jax.run import workdir as workdir_lib
 
 _FPS_TOLERANCE = 0.5
 
 
-def _define_flags():
-  """Command-line flags (defined only when run as a program, so that importing this
-  module next to train/decode, which own --workdir too, does not clash)."""
-  flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
+def define_flags(flag_values=flags.FLAGS) -> None:
+  """The command's flags, defined only when run as a program (see train.define_flags)."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True, **fv)
   flags.DEFINE_enum("task", "vsr", sorted(tasks.TASKS),
-                    "Task (instruction) when the run reads each clip's task.")
+                    "Task (instruction) when the run reads each clip's task.", **fv)
   flags.DEFINE_string("cluster_counts", None,
-                      "File with one line of cluster run lengths per video.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the best).")
+                      "File with one line of cluster run lengths per video.", **fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the best).", **fv)
 
 
 def expected_frame_size(data_cfg) -> int:
@@ -110,19 +110,10 @@ def transcribe(workdir: str, paths: list[str], *, task: str = "vsr",
     if runs is not None:
       record["cluster_counts"] = np.asarray(runs, np.int32)
     records.append(record)
-  exp = experiment.Experiment(config)
-  ckpts = checkpoint.Checkpoints(workdir, exp.config.keep_checkpoints)
-  best = step is None
-  step = ckpts.best.best_step() if best else step
-  if step is None:
-    raise FileNotFoundError(f"{workdir}/{checkpoint.BEST_DIR} holds no checkpoint; pass --step")
-  state, _ = ckpts.restore(step, checkpoint.abstract_like(exp.state), best=best)
-  ckpts.close()
-  batches = pipeline.eval_batches(exp.config.data, exp.tokenizer, "transcribe",
-                                  global_batch_size=exp.config.eval_batch_size,
-                                  source=_Clips(records))
-  rows = evaluation.decode_split(exp.predict_fn(), state.params, state.model_state, batches,
-                                 exp.mesh, exp.tokenizer, eos_id=exp.eos_ids)
+  run = open_lib.open_run(workdir, step=step, config=config)
+  rows = run.decode(pipeline.eval_batches(run.config.data, run.setup.tokenizer, "transcribe",
+                                          global_batch_size=run.config.eval_batch_size,
+                                          source=_Clips(records)))
   by_id = {row["id"]: row["hypothesis"] for row in rows}
   missing = [p for p in paths if p not in by_id]
   if missing:
@@ -146,5 +137,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
+  define_flags()
   app.run(main)

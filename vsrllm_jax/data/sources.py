@@ -1,9 +1,9 @@
 """``config.data.name`` -> the random-access records of a split, prepared on first use.
 
-  synthetic_lips  generated GRID mouth videos (``synthetic_lips``)
+  synthetic_lips  generated GRID mouth videos (``synthetic.synthetic_lips``)
   lrs3            VSP-LLM / AV-HuBERT manifests with mp4 mouth crops
-                  (``lrs3_manifest``, built from ``data.manifest_dir``)
-  image_captions  a folder of images + captions.jsonl (``image_captions``,
+                  (``datasets.lrs3``, built from ``data.manifest_dir``)
+  image_captions  a folder of images + captions.jsonl (``datasets.image_captions``,
                   built from ``data.manifest_dir``)
 
 Every source yields dict records with ``id`` and ``text`` plus ``video``
@@ -23,8 +23,8 @@ import os
 import grain.python as grain
 import numpy as np
 
-from vsrllm_jax.data import synthetic_lips
-from vsrllm_jax.data.synthetic_spec import spec_from_config
+from vsrllm_jax.data.synthetic import synthetic_lips
+from vsrllm_jax.data.synthetic.spec import spec_from_config
 
 NAMES = ("synthetic_lips", "lrs3", "image_captions")
 
@@ -43,8 +43,8 @@ def _check_name(data_cfg) -> str:
 
 
 def _lrs3_options(data_cfg):
-  from vsrllm_jax.data import lrs3_manifest  # pylint: disable=g-import-not-at-top
-  return lrs3_manifest.Lrs3ManifestOptions(
+  from vsrllm_jax.data.datasets import lrs3  # pylint: disable=g-import-not-at-top
+  return lrs3.Lrs3ManifestOptions(
       manual_dir=data_cfg.manifest_dir, storage=data_cfg.get("storage", "mp4"),
       image_size=int(data_cfg.get("source_image_size", 96)),
       max_bad_fraction=float(data_cfg.get("max_bad_fraction", 0.01)))
@@ -56,9 +56,9 @@ def _prepared(name: str, key, directory: str):
   if name == "synthetic_lips":
     return synthetic_lips.prepare(key, directory)
   if name == "lrs3":
-    from vsrllm_jax.data import lrs3_manifest  # pylint: disable=g-import-not-at-top
-    return lrs3_manifest.prepare(key, directory)
-  from vsrllm_jax.data import image_captions  # pylint: disable=g-import-not-at-top
+    from vsrllm_jax.data.datasets import lrs3  # pylint: disable=g-import-not-at-top
+    return lrs3.prepare(key, directory)
+  from vsrllm_jax.data.datasets import image_captions  # pylint: disable=g-import-not-at-top
   manual_dir, size, mode = key
   return image_captions.prepare(manual_dir, size, mode, data_dir=directory)
 
@@ -129,8 +129,8 @@ class ClipSource(grain.RandomAccessDataSource):
     return lengths
 
   def __getitem__(self, index: int) -> dict:
-    from vsrllm_jax.data import lrs3_manifest  # pylint: disable=g-import-not-at-top
-    return lrs3_manifest.decode_record(self._source[index])
+    from vsrllm_jax.data.datasets import lrs3  # pylint: disable=g-import-not-at-top
+    return lrs3.decode_record(self._source[index])
 
 
 class ImageSource(grain.RandomAccessDataSource):

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from typing import NamedTuple
 
-from vsrllm_jax.data import grid_grammar
+from vsrllm_jax.data.synthetic import grid_grammar
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3

@@ -72,32 +72,15 @@ class Dense(nn.Module):
     return y
 
 
-class RMSNorm(nn.Module):
-  """RMSNorm; ``scale_offset=1`` gives Gemma's ``(1 + w)`` form (w init 0)."""
-  epsilon: float = 1e-6
-  scale_offset: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    init = nn.initializers.zeros if self.scale_offset else nn.initializers.ones
-    scale = self.param("scale", with_axes(init, ("embed",)), (x.shape[-1],), self.param_dtype)
-    xf = jnp.asarray(x, jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.epsilon)
-    y = y * (jnp.asarray(scale, jnp.float32) + self.scale_offset)
-    return jnp.asarray(y, self.dtype)
-
-
-def hf_rms_norm(x, w, *, epsilon: float, offset: float, dtype, axis: int = -1):
-  """RMSNorm of x along ``axis`` (w broadcastable against x) as transformers'
-  Llama-family models compute it (``RMSNorm`` casts differently).
+def hf_rms_norm(x, w, *, epsilon: float, offset: float, dtype):
+  """RMSNorm of x [..., E] with weight w [E] as transformers' Llama-family models
+  compute it.
 
   Llama: ``w * normed.astype(dtype)``. Gemma (``offset=1``): ``normed * (1 + w)``
   in float32, then cast.
   """
   xf = x.astype(jnp.float32)
-  normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=axis, keepdims=True) + epsilon)
+  normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + epsilon)
   if offset:
     return (normed * (offset + w.astype(jnp.float32))).astype(dtype)
   return w.astype(dtype) * normed.astype(dtype)

@@ -91,34 +91,19 @@ def inverse_frequencies(head_dim: int, theta: float,
 
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float,
-                 rope_scaling: RopeScaling = None, *,
-                 num_positions: int | None = None) -> tuple[jax.Array, jax.Array]:
-  """cos, sin of shape [B, S, D] (float32) for integer ``positions`` [B, S].
-
-  ``num_positions``: the caller guarantees ``0 <= positions < num_positions``;
-  the values are then rows of a table of all of them, computed at trace time by
-  this same function (so bit for bit the same) and held as a constant. Without
-  it XLA's CPU fusion recomputes cos and sin inside every consumer, per element
-  of every head: ~4% of a decoder layer over a prompt.
-  """
-  if num_positions is not None:
-    with jax.ensure_compile_time_eval():
-      table = jnp.stack(rope_cos_sin(jnp.arange(num_positions)[None], head_dim, theta,
-                                     rope_scaling))[:, 0]                 # [2, P, D]
-    rows = jnp.take(np.asarray(table), positions, axis=1, mode="clip")   # [2, B, S, D]
-    return rows[0], rows[1]
+                 rope_scaling: RopeScaling = None) -> tuple[jax.Array, jax.Array]:
+  """cos, sin of shape [B, S, D] (float32) for integer ``positions`` [B, S]."""
   inv_freq = jnp.asarray(inverse_frequencies(head_dim, theta, rope_scaling))
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, D/2]
   emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, S, D]
   return jnp.cos(emb), jnp.sin(emb)
 
 
-def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array, axis: int = -1) -> jax.Array:
-  """Applies precomputed cos/sin, broadcastable against x, to x rotated along
-  ``axis`` (its head_dim): x [B, S, H, D] with cos [B, S, 1, D], or CPU decoding's
-  feature-major x [H, D, N] with cos [D, N] and axis 1. Result in x.dtype."""
-  x1, x2 = jnp.split(x, 2, axis=axis)
-  rotated = jnp.concatenate([-x2, x1], axis=axis)
+def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Applies precomputed cos/sin, broadcastable against x [..., D] (e.g. x [B, S, H, D]
+  with cos [B, S, 1, D]), to x rotated along its last axis. Result in x.dtype."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
   return x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
 
 

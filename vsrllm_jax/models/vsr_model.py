@@ -42,7 +42,12 @@ def pack_right(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 class VSRModel(nn.Module):
-  """batch -> dict(logits [B, Ll, V], projector ProjectorOutput, ...)."""
+  """batch -> dict(logits [B, Ll, V], projector ProjectorOutput, aux_losses {name: scalar}).
+
+  ``aux_losses``: the projector's own losses, its label losses
+  (``Projector.label_losses``) and CTC's, each needing a weight in
+  ``config.loss_weights``.
+  """
   encoder_config: encoders.EncoderConfig
   projector_config: Any          # mapping of projector fields incl. 'name'
   llm_config: LlmConfig
@@ -135,4 +140,8 @@ class VSRModel(nn.Module):
       logit_positions = jnp.take_along_axis(slot, logit_positions, axis=1)
     logits = self.llm(inputs_embeds=embeds, attention_mask=mask, logit_positions=logit_positions,
                       right_padded=packed)                            # [B, Ll, V]
-    return dict(logits=logits, projector=out)
+    counted = label_mask
+    if "example_mask" in batch:   # filler rows of an eval batch count in no loss
+      counted = counted & batch["example_mask"][:, None].astype(bool)
+    aux = {**out.aux_losses, **self.projector.label_losses(out, label, counted)}
+    return dict(logits=logits, projector=out, aux_losses=aux)

@@ -17,18 +17,22 @@ import os
 import numpy as np
 from absl import app, flags
 
-from vsrllm_jax import decode, evaluation, resolve
-from vsrllm_jax import workdir as workdir_lib
+from vsrllm_jax import decode
 from vsrllm_jax.data import pipeline
-from vsrllm_jax.models import generation
+from vsrllm_jax.inference import evaluation, generation, scoring
+from vsrllm_jax.run import setup as setup_lib
+from vsrllm_jax.run import workdir as workdir_lib
 
 
-def _define_flags():
-  flags.DEFINE_string("workdir", None, "The training run.", required=True)
-  flags.DEFINE_string("export", None, "Its export (vsrllm_jax.convert).", required=True)
-  flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split to transcribe.")
+def define_flags(flag_values=flags.FLAGS) -> None:
+  """The tool's flags, defined only when run as a program (see train.define_flags)."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("workdir", None, "The training run.", required=True, **fv)
+  flags.DEFINE_string("export", None, "Its export (vsrllm_jax.convert).", required=True, **fv)
+  flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split to transcribe.",
+                    **fv)
   flags.DEFINE_enum("strategy", "greedy", ["greedy", "beam"], "Decoding (beam: the run's "
-                    "decode.beam_size, length_penalty, early_stopping).")
+                    "decode.beam_size, length_penalty, early_stopping).", **fv)
 
 
 def torch_rows(workdir: str, export: str, split: str, strategy: str = "greedy") -> list[dict]:
@@ -36,7 +40,7 @@ def torch_rows(workdir: str, export: str, split: str, strategy: str = "greedy") 
   import torch  # pylint: disable=g-import-not-at-top
   from vsrllm_jax.torch_port.model import VsrLlm  # pylint: disable=g-import-not-at-top
   model, tok, meta = VsrLlm.from_export(export)
-  config, _ = resolve.resolve_config(workdir_lib.load_config(workdir))
+  config, _ = setup_lib.resolve_config(workdir_lib.load_config(workdir))
   eos = meta["tokenizer"]["eos_ids"]
   options = generation.options_from_config(config.decode)   # with defaults for older runs
   rows = []
@@ -70,8 +74,8 @@ def compare(workdir: str, export: str, split: str = "test", strategy: str = "gre
   same = [r["hypothesis"] == jax_rows[r["id"]]["hypothesis"] for r in rows]
   refs = [r["reference"] for r in rows]
   out = {"clips": len(rows), "identical": float(np.mean(same)),
-         "jax": evaluation.error_rates(refs, [jax_rows[r["id"]]["hypothesis"] for r in rows]),
-         "torch": evaluation.error_rates(refs, [r["hypothesis"] for r in rows])}
+         "jax": scoring.error_rates(refs, [jax_rows[r["id"]]["hypothesis"] for r in rows]),
+         "torch": scoring.error_rates(refs, [r["hypothesis"] for r in rows])}
   with open(os.path.join(export, f"compare_{split}_{strategy}.jsonl"), "w") as f:
     for r in rows:
       f.write(json.dumps(dict(r, jax_hypothesis=jax_rows[r["id"]]["hypothesis"])) + "\n")
@@ -86,5 +90,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
+  define_flags()
   app.run(main)

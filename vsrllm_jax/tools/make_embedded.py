@@ -27,8 +27,8 @@ import time
 from absl import app, flags
 
 from configs import common
-from vsrllm_jax.data import synthetic_lips
-from vsrllm_jax.data.synthetic_spec import spec_from_config
+from vsrllm_jax.data.synthetic import synthetic_lips
+from vsrllm_jax.data.synthetic.spec import spec_from_config
 from vsrllm_jax.models.video_encoder import VideoEncoderConfig
 from vsrllm_jax.tools import pretrain_encoder, pretrain_llm
 

@@ -27,7 +27,7 @@ import optax
 
 from configs.common import get_base_config
 from vsrllm_jax.data import pipeline
-from vsrllm_jax.data import visemes as visemes_lib
+from vsrllm_jax.data.synthetic import visemes as visemes_lib
 from vsrllm_jax.models import encoder_io
 from vsrllm_jax.models.video_encoder import VideoEncoder, VideoEncoderConfig
 

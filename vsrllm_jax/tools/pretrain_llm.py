@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import hashlib
 import json
 import pathlib
 import tempfile
@@ -37,192 +36,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vsrllm_jax.data import grid_grammar, visemes
+from vsrllm_jax.data.synthetic import grid_grammar
 from vsrllm_jax.data import tokenizer as tokenizer_lib
-from vsrllm_jax.models import generation, llm
+from vsrllm_jax.inference import generation
+from vsrllm_jax.models import hf_checkpoint, llm
+from vsrllm_jax.tools.llm_pretraining_data import (DEFAULT_MAX_LEN, MIN_MAX_LEN, SLOT_OF,
+                                                   eval_sentences, instruction_ids,
+                                                   make_example, pad_examples,
+                                                   training_batches)
 
 DEFAULT_SHAPE = dict(hidden_dim=128, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=32,
                      mlp_dim=256)
-MIN_SPAN, MAX_SPAN = 6, 64  # span length in tokens ("frames")
-DEFAULT_MAX_LEN = 80        # BOS + instruction (<= 10) + span + sentence + EOS, padded
-MIN_MAX_LEN = 32            # 10 + a span of up to 6 words and 7 silences + 7, rounded up
-HOLDOUT_MODULUS = 10        # 1 sentence in ~10 is held out for evaluation
-EXAMPLE_MIX = (("noisy", 0.75), ("clean", 0.05), ("empty", 0.1), ("plain", 0.1))
-# Per-word noise probabilities at noise level 1 (training draws the level
-# uniformly in [0, 1] per example). Copying stays the best guess everywhere.
-P_DROP, P_LOOKALIKE, P_SUBSTITUTE, P_SILENCE, P_FLICKER = 0.08, 0.3, 0.1, 0.4, 0.05
-
-_SLOT_OF = {w: s for s in grid_grammar.SLOT_NAMES for w in grid_grammar.SLOT_WORDS[s]}
-
-
-def _lookalikes() -> dict[str, tuple[str, ...]]:
-  """word -> other words of its slot with the same viseme sequence (b/p, c/z, d/t, l/n)."""
-  out = {}
-  for word, slot in _SLOT_OF.items():
-    seen = visemes.word_to_visemes(word)
-    out[word] = tuple(o for o in grid_grammar.SLOT_WORDS[slot]
-                      if o != word and visemes.word_to_visemes(o) == seen)
-  return out
-
-
-LOOKALIKES = _lookalikes()
-
-
-# ------------------------------------------------------------- sentences
-
-def is_held_out(words) -> bool:
-  """The deterministic evaluation rule: a hash of the sentence text."""
-  digest = hashlib.sha256(" ".join(words).encode()).digest()
-  return int.from_bytes(digest[:8], "little") % HOLDOUT_MODULUS == 0
-
-
-def sample_sentence(rng: np.random.Generator, *, held_out: bool = False) -> list[str]:
-  """A training sentence (never held out), or an evaluation one if ``held_out``."""
-  while True:
-    words = grid_grammar.sample_sentence(rng)
-    if is_held_out(words) == held_out:
-      return words
-
-
-def _other_word(rng, word: str, choices) -> str:
-  choices = [c for c in choices if c != word]
-  return choices[int(rng.integers(len(choices)))]
-
-
-def render_span(rng: np.random.Generator, words, noise: float, max_span: int = MAX_SPAN):
-  """The sentence as a stretched, noisy word sequence of about MIN_SPAN..max_span tokens.
-
-  Every kept word becomes a run of 1..k tokens, long words (more visemes)
-  getting longer runs; ``noise`` in [0, 1] scales drops, look-alike and
-  same-slot swaps, silences between words and single-frame flicker.
-  """
-  segments = []  # (word, duration weight)
-  for word in words:
-    if rng.random() < noise * P_DROP:
-      continue
-    if LOOKALIKES[word] and rng.random() < noise * P_LOOKALIKE:
-      word = _other_word(rng, word, LOOKALIKES[word])
-    elif rng.random() < noise * P_SUBSTITUTE:
-      word = _other_word(rng, word, grid_grammar.SLOT_WORDS[_SLOT_OF[word]])
-    segments.append((word, len(visemes.word_to_visemes(word)) * rng.lognormal(0.0, 0.4)))
-  with_silence = []
-  for i in range(len(segments) + 1):  # before, between and after the words
-    if rng.random() < noise * P_SILENCE:
-      with_silence.append((tokenizer_lib.SILENCE_WORD, rng.uniform(0.3, 1.5)))
-    if i < len(segments):
-      with_silence.append(segments[i])
-  segments = with_silence or [(tokenizer_lib.SILENCE_WORD, 1.0)]
-  length = max(int(rng.integers(MIN_SPAN, max(max_span, MIN_SPAN) + 1)), len(segments))
-  weights = np.asarray([w for _, w in segments])
-  runs = 1 + rng.multinomial(length - len(segments), weights / weights.sum())
-  span = [word for (word, _), n in zip(segments, runs) for _ in range(n)]
-  for i, word in enumerate(span):
-    if word in _SLOT_OF and rng.random() < noise * P_FLICKER:
-      span[i] = _other_word(rng, word, LOOKALIKES[word] or grid_grammar.SLOT_WORDS[_SLOT_OF[word]])
-  if grid_grammar.is_grammatical(span):
-    # 'instruction + span' would read as an empty-span example's finished
-    # sentence (next token EOS): stretch one word so the two never collide.
-    i = int(rng.integers(len(span)))
-    span.insert(i, span[i])
-  return span
-
-
-# -------------------------------------------------------------- examples
-
-@functools.lru_cache(maxsize=64)
-def _instruction_ids(tokenizer, instruction: str) -> tuple[int, ...]:
-  return tuple(tokenizer(instruction, add_special_tokens=False)["input_ids"])
-
-
-def make_example(rng: np.random.Generator, tokenizer, instruction: str | None = None, *,
-                 words=None, kind: str | None = None, noise: float | None = None,
-                 max_len: int = DEFAULT_MAX_LEN):
-  """(ids int32 [L], loss_weights float32 [L]) of one pretraining example.
-
-  See ``_example`` for the arguments.
-  """
-  ids, weights, _ = _example(rng, tokenizer, instruction, words=words, kind=kind, noise=noise,
-                             max_len=max_len)
-  return ids, weights
-
-
-def _example(rng: np.random.Generator, tokenizer, instruction: str | None = None, *,
-             words=None, kind: str | None = None, noise: float | None = None,
-             max_len: int = DEFAULT_MAX_LEN):
-  """(ids int32 [L], loss_weights float32 [L], span_mask bool [L]) of one example.
-
-  ``loss_weights[t]`` weighs predicting ``ids[t]`` (1 on sentence + EOS).
-  kind: 'noisy' (BOS instruction noisy-span sentence EOS), 'clean' (span
-  stretched but uncorrupted), 'empty' (no span), 'plain' (BOS sentence EOS);
-  None draws from EXAMPLE_MIX. instruction None draws a template (half the
-  time the default); words None draws a training sentence; noise None draws
-  U(0, 1) for 'noisy'.
-  """
-  if kind is None:
-    names, probs = zip(*EXAMPLE_MIX)
-    kind = names[int(rng.choice(len(names), p=probs))]
-  if instruction is None:
-    templates = tokenizer_lib.INSTRUCTION_TEMPLATES
-    instruction = templates[0 if rng.random() < 0.5 else int(rng.integers(1, len(templates)))]
-  if words is None:
-    words = sample_sentence(rng)
-  sentence = list(tokenizer.convert_tokens_to_ids(list(words))) + [tokenizer.eos_token_id]
-  prefix = [tokenizer.bos_token_id]
-  if kind != "plain":
-    prefix += _instruction_ids(tokenizer, instruction)
-  span = []
-  if kind in ("noisy", "clean"):
-    if kind == "clean":
-      noise = 0.0
-    elif noise is None:
-      noise = float(rng.random())
-    span = tokenizer.convert_tokens_to_ids(
-        render_span(rng, words, noise, max_span=max_len - len(prefix) - len(sentence)))
-  elif kind not in ("empty", "plain"):
-    raise ValueError(f"example kind {kind!r} is not known; valid: {[k for k, _ in EXAMPLE_MIX]}")
-  ids = np.asarray(prefix + list(span) + sentence, np.int32)
-  if len(ids) > max_len:
-    raise ValueError(f"example needs {len(ids)} tokens > max_len={max_len}")
-  weights = np.zeros(len(ids), np.float32)
-  weights[-len(sentence):] = 1.0
-  span_mask = np.zeros(len(ids), bool)
-  span_mask[len(prefix):len(prefix) + len(span)] = True
-  return ids, weights, span_mask
-
-
-def _batches(rng, tokenizer, batch_size: int, max_len: int):
-  """Endless training batches (ids, weights, mask), right-padded.
-
-  Examples queue by length into two buckets, padded to max_len // 2 and
-  max_len: ~44% of examples are short, so a step averages 62 padded tokens
-  per example instead of 80, for one extra compile.
-  """
-  queues = {max_len // 2: [], max_len: []}
-  while True:
-    example = _example(rng, tokenizer, max_len=max_len)
-    length = max_len // 2 if len(example[0]) <= max_len // 2 else max_len
-    queues[length].append(example)
-    if len(queues[length]) == batch_size:
-      yield _pad(queues[length], length, tokenizer.pad_token_id)
-      queues[length] = []
-
-
-def _pad(examples, length: int, pad_id: int):
-  """Right-padded (ids [N, length], weights [N, length], mask [N, length]), plus
-  span_mask [N, length] when the examples carry one."""
-  ids = np.full((len(examples), length), pad_id, np.int32)
-  weights = np.zeros((len(examples), length), np.float32)
-  spans = np.zeros((len(examples), length), bool)
-  for i, (x, w, *span) in enumerate(examples):
-    ids[i, :len(x)], weights[i, :len(w)] = x, w
-    if span:
-      spans[i, :len(x)] = span[0]
-  mask = np.arange(length)[None] < np.asarray([len(e[0]) for e in examples])[:, None]
-  if len(examples[0]) == 3:
-    return ids, weights, mask, spans
-  return ids, weights, mask
-
-
 # -------------------------------------------------------------- training
 
 def soften_span(embeds, table, span_mask, rng):
@@ -274,12 +98,6 @@ def _make_train_step(model, tx, soft_span: bool):
 
 # ------------------------------------------------------------ evaluation
 
-def eval_sentences(n: int, seed: int) -> list[list[str]]:
-  """``n`` held-out sentences (never seen in training), fixed by ``seed``."""
-  rng = np.random.default_rng([seed, 1])
-  return [sample_sentence(rng, held_out=True) for _ in range(n)]
-
-
 def _word_errors(ref, hyp) -> int:
   """Levenshtein distance between two word lists."""
   row = list(range(len(hyp) + 1))
@@ -305,7 +123,7 @@ def _evaluate(model, params, tokenizer, sentences, seed: int, max_len: int, chun
     rng = np.random.default_rng([seed, 2])
     examples = [make_example(rng, tokenizer, instruction, words=w, kind=kind, noise=noise,
                              max_len=max_len) for w in sentences]
-    ids, weights, mask = _pad(examples, max_len, tokenizer.pad_token_id)
+    ids, weights, mask = pad_examples(examples, max_len, tokenizer.pad_token_id)
     pred = np.concatenate([np.asarray(forward(params, ids[i:i + chunk], mask[i:i + chunk]))
                            .argmax(-1) for i in range(0, len(ids), chunk)])  # [N, S]
     scored = weights[:, 1:] > 0
@@ -318,7 +136,7 @@ def _evaluate(model, params, tokenizer, sentences, seed: int, max_len: int, chun
         metrics[f"{name}/accuracy/{slot}"] = float(correct[at].sum() / at.sum())
     if kind == "noisy":
       metrics[f"{name}/copy_baseline_accuracy"] = _copy_baseline(
-          tokenizer, examples, sentences, 1 + len(_instruction_ids(tokenizer, instruction)))
+          tokenizer, examples, sentences, 1 + len(instruction_ids(tokenizer, instruction)))
     if kind == "noisy" or kind == "clean":
       metrics.update({f"{name}/{k}": v for k, v in _greedy(
           functools.partial(generate, params), tokenizer, examples, sentences, max_len,
@@ -337,8 +155,8 @@ def _copy_baseline(tokenizer, examples, sentences, prefix_len: int) -> float:
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     span = ids[prefix_len:len(ids) - grid_grammar.SENTENCE_LENGTH - 1]
     for word in tokenizer.convert_ids_to_tokens(span.tolist()):
-      if word in _SLOT_OF:
-        counts[_SLOT_OF[word]][word] += 1
+      if word in SLOT_OF:
+        counts[SLOT_OF[word]][word] += 1
     for slot, word in zip(grid_grammar.SLOT_NAMES, ref):
       seen = counts[slot].most_common(1)
       correct += (seen[0][0] if seen else grid_grammar.SLOT_WORDS[slot][0]) == word
@@ -349,7 +167,7 @@ def _greedy(generate, tokenizer, examples, sentences, max_len, chunk):
   """Greedy decoding from BOS + instruction + span: exact match and WER."""
   cut = grid_grammar.SENTENCE_LENGTH + 1  # sentence + EOS
   prompts = [(x[:len(x) - cut], w[:len(w) - cut]) for x, w in examples]
-  ids, _, mask = _pad(prompts, max_len, tokenizer.pad_token_id)
+  ids, _, mask = pad_examples(prompts, max_len, tokenizer.pad_token_id)
   out = np.concatenate([np.asarray(generate(ids[i:i + chunk], mask[i:i + chunk]))
                         for i in range(0, len(ids), chunk)])  # [N, new tokens]
   errors = exact = 0
@@ -407,7 +225,7 @@ def pretrain_llm(*, out_dir, llm_shape: dict | None = None, steps: int = 400,
   opt_state = tx.init(params)
   train_step = _make_train_step(model, tx, soft_span)
   rng = np.random.default_rng([seed, 0])
-  batches = _batches(rng, tokenizer, batch_size, max_len)
+  batches = training_batches(rng, tokenizer, batch_size, max_len)
   soft_rng = jax.random.key(seed + 1)
   losses, loss_sum, since = [], 0.0, 0
   for i in range(steps):
@@ -424,7 +242,7 @@ def pretrain_llm(*, out_dir, llm_shape: dict | None = None, steps: int = 400,
 
   metrics = _evaluate(model, params, tokenizer, eval_sentences(eval_size, seed), seed, max_len)
   out_dir.mkdir(parents=True, exist_ok=True)
-  llm.save_pretrained(out_dir, config, params)
+  hf_checkpoint.save_pretrained(out_dir, config, params)
   tokenizer.save_pretrained(str(out_dir))
   _write_hf_metadata(out_dir, tokenizer)
   metrics.update({

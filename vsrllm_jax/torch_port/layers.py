@@ -68,21 +68,6 @@ class LayerNorm(nn.LayerNorm):
     return y.to(self.weight.dtype)
 
 
-class RMSNorm(nn.Module):
-  """Our RMSNorm (eps 1e-6); ``scale_offset=1`` is Gemma's ``(1 + w)``."""
-
-  def __init__(self, dim: int, eps: float = 1e-6, scale_offset: float = 0.0):
-    super().__init__()
-    self.eps, self.scale_offset = eps, scale_offset
-    self.weight = nn.Parameter(torch.zeros(dim) if scale_offset else torch.ones(dim))
-
-  def forward(self, x: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
-    y = xf * torch.rsqrt(torch.mean(xf * xf, dim=-1, keepdim=True) + self.eps)
-    y = y * (self.weight.float() + self.scale_offset)
-    return y.to(self.weight.dtype)
-
-
 def activation_fn(name: str):
   """Our Mlp's activations; 'gelu' is the exact (erf) GELU, as ours."""
   table = {"gelu": lambda z: F.gelu(z, approximate="none"),

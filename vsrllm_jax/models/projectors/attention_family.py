@@ -16,7 +16,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from vsrllm_jax.models import layers
-from vsrllm_jax.models.projectors import blocks, register
+from vsrllm_jax.models.projectors import blocks
+from vsrllm_jax.models.projectors.registry import register
 from vsrllm_jax.models.projectors.query import QueryProjector, scan_blocks
 
 

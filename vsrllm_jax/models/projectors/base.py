@@ -14,8 +14,7 @@ class ProjectorOutput:
   """tokens [B, N, E] and mask [B, N] go to the LLM.
 
   aux_losses: named scalars; each name needs a weight in ``config.loss_weights``.
-  embeddings: pooled vectors (e.g. [B, E]) for losses computed outside the
-  projector, such as visual-text alignment against label text.
+  embeddings: pooled vectors (e.g. [B, E]) for ``Projector.label_losses``.
   """
   tokens: jax.Array
   mask: jax.Array
@@ -39,3 +38,16 @@ class Projector(nn.Module):
 
   sequence_preserving = False   # class-level: not a config field
   text_aware = False
+
+  def label_losses(self, output: ProjectorOutput, label_embeds, label_mask
+                   ) -> dict[str, jax.Array]:
+    """Named losses between this projector's ``output`` and the label text: embeddings
+    [B, L, E] (frozen LLM table) and bool mask [B, L] of the tokens that count.
+
+    The composed model calls it after the projector whenever it has labels (the loss
+    forward, not prediction), so that a loss may compare with the label while the
+    label never becomes an input. None by default; a projector with such a loss
+    overrides it.
+    """
+    del output, label_embeds, label_mask
+    return {}

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from vsrllm_jax.models import layers
-from vsrllm_jax.models.projectors import register
+from vsrllm_jax.models.projectors.registry import register
 from vsrllm_jax.models.projectors.base import Projector, ProjectorOutput
 
 

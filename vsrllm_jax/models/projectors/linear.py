@@ -4,7 +4,7 @@ from __future__ import annotations
 import flax.linen as nn
 
 from vsrllm_jax.models import layers
-from vsrllm_jax.models.projectors import register
+from vsrllm_jax.models.projectors.registry import register
 from vsrllm_jax.models.projectors.base import Projector, ProjectorOutput
 
 

@@ -16,9 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vsrllm_jax import losses
+from vsrllm_jax.models.contrastive import info_nce
 from vsrllm_jax.models import layers
-from vsrllm_jax.models.projectors import register
+from vsrllm_jax.models.projectors.registry import register
 from vsrllm_jax.models.projectors.base import Projector, ProjectorOutput
 
 
@@ -73,7 +73,7 @@ class MultiScaleContrastiveProjector(Projector):
     out = layers.LayerNorm(name="out_norm", **kw)(q)                  # [B, N, E]
 
     pairs = [(i, j) for i in range(len(pooled)) for j in range(i + 1, len(pooled))]
-    contrastive = (sum(losses.info_nce(pooled[i], pooled[j], self.temperature) for i, j in pairs)
+    contrastive = (sum(info_nce(pooled[i], pooled[j], self.temperature) for i, j in pairs)
                    / max(len(pairs), 1))
     return ProjectorOutput(
         tokens=out, mask=jnp.ones(out.shape[:2], bool),

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from vsrllm_jax.models import layers
-from vsrllm_jax.models import projectors
-from vsrllm_jax.models.projectors import blocks, register
+from vsrllm_jax.models.projectors import blocks
+from vsrllm_jax.models.projectors.registry import CATALOG, register
 from vsrllm_jax.models.projectors.base import Projector, ProjectorOutput
 
 
@@ -38,8 +38,7 @@ class QueryProjector(Projector):
   final_norm = True                 # class-level: LayerNorm before the readout
 
   def catalog_name(self) -> str:
-    return next((n for n in projectors.names() if projectors.get_class(n) is type(self)),
-                type(self).__name__)
+    return CATALOG.name_of(type(self)) or type(self).__name__
 
   def check_fields(self) -> int:
     """Validates the fields; returns the block width."""

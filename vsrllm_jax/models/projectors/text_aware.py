@@ -23,22 +23,20 @@ How each one reads the text:
   of every bottleneck adapter (zero-initialised, so it starts unconditioned).
 - text_multiscale_contrastive: multiscale_contrastive, then its output queries
   cross-attend to the text (pre-LN residual, LayerNorm). It returns the visual
-  clip vector ``embeddings['pooled']`` [B, E]; its class flag
-  ``visual_text_alignment`` makes ``train_step.compute_losses`` add the
+  clip vector ``embeddings['pooled']`` [B, E], and its ``label_losses`` the
   ``visual_text`` InfoNCE loss between that vector and the masked mean of the
   frozen LLM embeddings of the label text (the label enters the loss only).
 """
 from __future__ import annotations
-
-from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vsrllm_jax.models import layers
-from vsrllm_jax.models import projectors
-from vsrllm_jax.models.projectors import attention_family, blocks, register
+from vsrllm_jax.models.contrastive import visual_text_info_nce
+from vsrllm_jax.models.projectors import attention_family, blocks
+from vsrllm_jax.models.projectors.registry import register
 from vsrllm_jax.models.projectors.adapters import PevlAdapterProjector
 from vsrllm_jax.models.projectors.base import ProjectorOutput
 from vsrllm_jax.models.projectors.moe import HierarchicalMoeProjector
@@ -138,13 +136,12 @@ class TextPevlAdapterProjector(PevlAdapterProjector):
 class TextMultiScaleContrastiveProjector(MultiScaleContrastiveProjector):
   """multiscale_contrastive whose output queries then cross-attend to the text.
 
-  ``embeddings['pooled']`` (the visual clip vector) feeds the ``visual_text``
-  loss computed outside the projector, at ``visual_text_temperature``.
+  ``label_losses`` adds ``visual_text``: InfoNCE at ``visual_text_temperature``
+  between the visual clip vector and the label text, which enters this loss only.
   """
   visual_text_temperature: float = 0.07
 
   text_aware = True
-  visual_text_alignment = True      # class-level: compute_losses adds 'visual_text'
 
   @nn.compact
   def __call__(self, features, features_mask, *, text=None, text_mask=None, train=False):
@@ -162,18 +159,6 @@ class TextMultiScaleContrastiveProjector(MultiScaleContrastiveProjector):
     tokens = layers.LayerNorm(name="text_out_norm", **kw)(q)
     return out.replace(tokens=tokens)
 
-
-def visual_text_temperature(projector_config: Mapping[str, Any]) -> float | None:
-  """The temperature of the ``visual_text`` loss, or None when the projector has none.
-
-  The loss is produced exactly when the configured projector's class sets
-  ``visual_text_alignment`` (here: text_multiscale_contrastive), so that
-  ``check_loss_weights`` sees it from the config alone.
-  """
-  name = projector_config["name"]
-  cls = projectors.get_class(name)
-  if not getattr(cls, "visual_text_alignment", False):
-    return None
-  value = dict(projector_config).get("visual_text_temperature")
-  return float(projectors.config_fields(name)["visual_text_temperature"] if value is None
-               else value)
+  def label_losses(self, output: ProjectorOutput, label_embeds, label_mask):
+    return {"visual_text": visual_text_info_nce(output.embeddings["pooled"], label_embeds,
+                                                label_mask, self.visual_text_temperature)}

@@ -10,41 +10,17 @@ fields are errors that list the valid ones.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
+from vsrllm_jax.torch_port.projectors import (adapters, attention_family,  # noqa: F401
+                                              conv_abstractor, linear, mlp, moe,
+                                              multiscale_contrastive, pooling, query, text_aware)
 from vsrllm_jax.torch_port.projectors.base import Projector, ProjectorOutput
+from vsrllm_jax.torch_port.projectors.registry import (CATALOG, SHARED_FIELDS, config_fields,
+                                                       register)
 
-_REGISTRY: dict[str, type[Projector]] = {}
-
-# Fields every one of ours has; here the widths are arguments and the dtype
-# is the module's (``.to(dtype)``), so a config may hold them and they are ignored.
-SHARED_FIELDS = ("output_dim", "dtype", "param_dtype")
-
-
-def register(name: str) -> Callable[[type[Projector]], type[Projector]]:
-  def wrap(cls):
-    if name in _REGISTRY:
-      raise ValueError(f"torch projector {name!r} registered twice")
-    _REGISTRY[name] = cls
-    return cls
-  return wrap
-
-
-def names() -> list[str]:
-  return sorted(_REGISTRY)
-
-
-def get_class(name: str) -> type[Projector]:
-  if name not in _REGISTRY:
-    raise ValueError(f"unknown projector {name!r} for the PyTorch port "
-                     f"(vsrllm_jax/torch_port/projectors); it has: {', '.join(names())}")
-  return _REGISTRY[name]
-
-
-def config_fields(name: str) -> dict[str, Any]:
-  """The settable fields of projector ``name`` with their defaults (as ours, less
-  SHARED_FIELDS)."""
-  return get_class(name).config_fields()
+names = CATALOG.names
+get_class = CATALOG.get
 
 
 def build(name: str, config: Mapping[str, Any], output_dim: int, input_dim: int, *,
@@ -65,16 +41,5 @@ def build(name: str, config: Mapping[str, Any], output_dim: int, input_dim: int,
   return cls(output_dim, input_dim, **kwargs)
 
 
-def _import_catalog() -> None:
-  """Imports every module of this package: each registers its projectors."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  import pkgutil  # pylint: disable=g-import-not-at-top
-  for info in pkgutil.iter_modules(__path__):
-    if info.name != "base":
-      importlib.import_module(f"{__name__}.{info.name}")
-
-
-_import_catalog()
-
-__all__ = ["Projector", "ProjectorOutput", "build", "config_fields", "get_class", "names",
-           "register"]
+__all__ = ["Projector", "ProjectorOutput", "SHARED_FIELDS", "build", "config_fields", "get_class",
+           "names", "register"]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from vsrllm_jax.torch_port import layers
-from vsrllm_jax.torch_port.projectors import register
+from vsrllm_jax.torch_port.projectors.registry import register
 from vsrllm_jax.torch_port.projectors.base import Projector, ProjectorOutput
 
 

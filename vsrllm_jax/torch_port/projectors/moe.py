@@ -20,7 +20,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from vsrllm_jax.torch_port import layers
-from vsrllm_jax.torch_port.projectors import register
+from vsrllm_jax.torch_port.projectors.registry import register
 from vsrllm_jax.torch_port.projectors.base import Projector, ProjectorOutput
 
 

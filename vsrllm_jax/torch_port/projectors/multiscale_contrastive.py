@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from vsrllm_jax.torch_port import blocks, layers
-from vsrllm_jax.torch_port.projectors import register
+from vsrllm_jax.torch_port.projectors.registry import register
 from vsrllm_jax.torch_port.projectors.base import Projector, ProjectorOutput
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from vsrllm_jax.torch_port import blocks, layers
-from vsrllm_jax.torch_port.projectors import register
+from vsrllm_jax.torch_port.projectors.registry import register
 from vsrllm_jax.torch_port.projectors.base import Projector, ProjectorOutput
 
 

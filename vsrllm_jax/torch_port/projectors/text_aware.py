@@ -27,7 +27,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from vsrllm_jax.torch_port import blocks, layers
-from vsrllm_jax.torch_port.projectors import register
+from vsrllm_jax.torch_port.projectors.registry import register
 from vsrllm_jax.torch_port.projectors.adapters import PevlAdapterProjector
 from vsrllm_jax.torch_port.projectors.base import Projector, ProjectorOutput
 from vsrllm_jax.torch_port.projectors.moe import HierarchicalMoeProjector

@@ -1,0 +1,1 @@
+"""The synthetic GRID-style lip-reading data set, and synthetic clips in LRS3's layout."""

@@ -1,0 +1,1 @@
+"""Inference: the predictor, generation (greedy, sampling, beam search), decoding a split, scoring."""

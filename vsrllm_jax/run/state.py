@@ -1,0 +1,191 @@
+"""The training state, derived once: shapes, shardings, labels and optimizer first, then
+the arrays (``create``) or their abstract form (``StateLayout.abstract``).
+
+Shapes and placement are decided before any parameter exists
+(``jax.eval_shape`` -> logical axis names -> ``NamedSharding``), then one jitted
+init writes every parameter directly into its shard. Inference restores only
+the weights (``StateLayout.weights``); nothing else is made for it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vsrllm_jax import sharding
+from vsrllm_jax.data import batch as batch_lib
+from vsrllm_jax.models.vsr_model import VSRModel
+from vsrllm_jax.training import optim
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array        # int32 scalar
+  params: Any            # the whole model: encoder, projector, llm
+  opt_state: Any         # over the trainable subtree only
+  model_state: Any       # non-trainable collections (batch_stats)
+
+
+def frozen_dtype(config) -> str:
+  """Storage dtype of frozen params: config.frozen_param_dtype, else param_dtype."""
+  return config.get("frozen_param_dtype", "") or config.param_dtype
+
+
+def _abstract(shape_dtype, dtype, sharding_) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(shape_dtype.shape, dtype, sharding=sharding_)
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+  """Everything about the state that the model, the config and the mesh decide.
+
+  ``params`` / ``model_state``: ShapeDtypeStructs in their storage dtypes with
+  their shardings; ``labels``: param path -> schedule name or ``optim.FROZEN``;
+  ``opt_state``: the optimizer state over the trainable params, abstract.
+  """
+  params: Any
+  model_state: Any
+  labels: dict
+  tx: optax.GradientTransformation
+  schedules: dict[str, Callable]
+  opt_state: Any
+  mesh: Any
+
+  def weights(self) -> dict:
+    """What inference restores: ``{'params', 'model_state'}``, abstract."""
+    return {"params": self.params, "model_state": self.model_state}
+
+  def abstract(self) -> TrainState:
+    """The whole state as ShapeDtypeStructs with shardings (nothing allocated)."""
+    step = _abstract(jax.ShapeDtypeStruct((), jnp.int32), jnp.int32, sharding.replicated(self.mesh))
+    return TrainState(step=step, params=self.params, opt_state=self.opt_state,
+                      model_state=self.model_state)
+
+  def shardings(self) -> TrainState:
+    return jax.tree.map(lambda x: x.sharding, self.abstract())
+
+
+def init_variables(model: VSRModel, config, rng):
+  return model.init({"params": rng, "dropout": rng}, batch_lib.dummy_batch(config),
+                    train=False)
+
+
+def layout(model: VSRModel, config, mesh) -> StateLayout:
+  """The one derivation of the state: ``create`` fills it, restores read into it."""
+  boxed = jax.eval_shape(lambda r: init_variables(model, config, r),
+                         jax.random.key(config.seed))
+  param_shardings = sharding.logical_shardings(boxed["params"], mesh, sharding.rules(config))
+  unboxed = nn.meta.unbox(boxed["params"])
+  labels = optim.label_params(unboxed, config.optim.param_groups)
+  tx, schedules = optim.make_optimizer(config.optim, labels, config.total_steps)
+  frozen, trainable = jnp.dtype(frozen_dtype(config)), jnp.dtype(config.param_dtype)
+  dtypes = flax.traverse_util.unflatten_dict(
+      {k: frozen if v is optim.FROZEN else trainable for k, v in labels.items()})
+  params = jax.tree.map(lambda x, d, s: _abstract(x, d if jnp.issubdtype(x.dtype, jnp.floating)
+                                                  else x.dtype, s),
+                        unboxed, dtypes, param_shardings)
+  replicated = sharding.replicated(mesh)
+  model_state = jax.tree.map(lambda x: _abstract(x, x.dtype, replicated),
+                             {k: v for k, v in boxed.items() if k != "params"})
+  trainable_params, _ = optim.split(params, labels)
+  opt_state = optax.tree_map_params(
+      tx, lambda x, p: _abstract(x, x.dtype, p.sharding), jax.eval_shape(tx.init, trainable_params),
+      trainable_params, transform_non_params=lambda x: _abstract(x, x.dtype, replicated))
+  return StateLayout(params=params, model_state=model_state, labels=labels, tx=tx,
+                     schedules=schedules, opt_state=opt_state, mesh=mesh)
+
+
+def create(model: VSRModel, config, state_layout: StateLayout, *, pretrained_params=None,
+           pretrained_model_state=None) -> TrainState:
+  """The initial state, every array made straight into its sharding.
+
+  ``pretrained_params`` ({'llm': tree, 'encoder': tree, ...}, host arrays or
+  jax.Arrays already placed) and ``pretrained_model_state`` ({'batch_stats':
+  {'encoder': tree}}) replace the random init of those submodules; pretrained
+  params are never randomly initialised (an 8B LLM would otherwise exist twice).
+  """
+  lay = state_layout
+  _check_pretrained(pretrained_params, lay.params, "params")  # before the costly init
+  for collection, trees in (pretrained_model_state or {}).items():
+    _check_pretrained(trees, lay.model_state.get(collection, {}), collection)
+  skip = set(pretrained_params or ())
+  shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+
+  def init(rng):  # XLA drops the random init of the skipped (pretrained) submodules
+    variables = nn.meta.unbox(init_variables(model, config, rng))
+    params = jax.tree.map(lambda x, a: x.astype(a.dtype), variables.pop("params"), lay.params)
+    return {k: v for k, v in params.items() if k not in skip}, variables
+
+  init_shardings = {k: v for k, v in shardings(lay.params).items() if k not in skip}
+  params, model_state = jax.jit(init, out_shardings=(init_shardings,
+                                                     shardings(lay.model_state)))(
+                                                         jax.random.key(config.seed))
+  params = _with_pretrained(params, pretrained_params, lay.params, "params")
+  for collection, trees in (pretrained_model_state or {}).items():
+    model_state = dict(model_state)
+    model_state[collection] = _with_pretrained(model_state[collection], trees,
+                                               lay.model_state[collection], collection)
+  trainable, _ = optim.split(params, lay.labels)
+  opt_state = jax.jit(lay.tx.init, out_shardings=shardings(lay.opt_state))(trainable)
+  step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(lay.mesh))
+  _log_sizes(params, lay.labels)
+  return TrainState(step=step, params=params, opt_state=opt_state, model_state=model_state)
+
+
+def _check_pretrained(pretrained, abstract, what: str) -> None:
+  """Pretrained trees name submodules of the model and match their trees and shapes."""
+  for name, tree in (pretrained or {}).items():
+    if name not in abstract:
+      raise ValueError(f"pretrained {what}/{name}: the model has no such submodule; it has "
+                       f"{sorted(abstract)}")
+    want, got = jax.tree.structure(abstract[name]), jax.tree.structure(tree)
+    if want != got:
+      raise ValueError(f"pretrained {what}/{name} params do not match the model's tree:\n"
+                       f"model: {want}\ncheckpoint: {got}")
+    for (path, x), a in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
+                            jax.tree.leaves(abstract[name])):
+      if tuple(np.shape(x)) != tuple(a.shape):
+        raise ValueError(f"pretrained {what}/{name}{jax.tree_util.keystr(path)} has shape "
+                         f"{tuple(np.shape(x))}, the model expects {tuple(a.shape)}")
+
+
+def _with_pretrained(tree, pretrained, abstract, what):
+  """``tree`` with the pretrained submodules placed in, in the model's key order."""
+  if not pretrained:
+    return tree
+  tree = dict(tree)
+  for name, host_tree in pretrained.items():
+    tree[name] = place(host_tree, abstract[name], f"{what}/{name}")
+  return {k: tree[k] for k in abstract}
+
+
+def place(tree, abstract, what: str):
+  """Arrays placed in the shardings and storage dtypes of ``abstract``, one leaf at a
+  time (a leaf exists twice at most). ``jax.Array`` leaves already right are kept."""
+  want, got = jax.tree.structure(abstract), jax.tree.structure(tree)
+  if want != got:
+    raise ValueError(f"pretrained {what} params do not match the model's tree:\n"
+                     f"model: {want}\ncheckpoint: {got}")
+
+  def one(x, a):
+    if not (isinstance(x, jax.Array) and x.sharding.is_equivalent_to(a.sharding, x.ndim)):
+      x = jax.device_put(x if isinstance(x, jax.Array) else np.asarray(x), a.sharding)
+    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != a.dtype:
+      x = jax.jit(lambda v: v.astype(a.dtype), out_shardings=a.sharding)(x)
+    return x
+
+  return jax.tree.map(one, tree, abstract)
+
+
+def _log_sizes(params, labels) -> None:
+  flat = flax.traverse_util.flatten_dict(params)
+  total = sum(int(np.prod(v.shape)) for v in flat.values())
+  train = sum(int(np.prod(v.shape)) for k, v in flat.items() if labels[k] is not optim.FROZEN)
+  logging.info("params: %d total, %d trainable (%.2f%%)", total, train, 100 * train / max(total, 1))

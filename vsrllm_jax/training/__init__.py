@@ -1,0 +1,1 @@
+"""Training: the loop, the jitted step, the objective and the optimizer."""
