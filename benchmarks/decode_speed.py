@@ -54,7 +54,7 @@ def main():
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from vsrllm_jax.inference import generation  # pylint: disable=g-import-not-at-top
-  from vsrllm_jax.models import hf_checkpoint  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax.formats import hf_llm  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(a.threads)
   transformers.utils.logging.disable_progress_bar()
@@ -72,7 +72,7 @@ def main():
 
   with tempfile.TemporaryDirectory() as tmp:
     hf.save_pretrained(tmp)
-    model, params = hf_checkpoint.from_pretrained(tmp, dtype="float32", param_dtype="float32")
+    model, params = hf_llm.from_pretrained(tmp, dtype="float32", param_dtype="float32")
   params = jax.device_put(params)
   gen = jax.jit(functools.partial(generation.greedy_generate_from_ids, model,
                                   max_new_tokens=a.new_tokens, eos_id=-1, pad_id=0))

@@ -46,19 +46,20 @@ def child(path: str, mode: str) -> None:
   sys.path.insert(0, ROOT)
   import jax  # pylint: disable=g-import-not-at-top
   from vsrllm_jax import sharding  # pylint: disable=g-import-not-at-top
-  from vsrllm_jax.models import hf_checkpoint, llm  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax.formats import hf_llm  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax.models import llm  # pylint: disable=g-import-not-at-top
 
   mesh = sharding.make_mesh((1, 8, 1)) if mode == "mesh" else None
   rules = sharding.PRESETS["fsdp_tp"]
   with open(os.path.join(path, "config.json")) as f:
     config = llm.LlmConfig.from_hf_config(json.load(f))
-  hf_checkpoint._param_shapes(config, boxed=True)  # pylint: disable=protected-access
+  hf_llm.param_shapes(config, boxed=True)
   jax.block_until_ready(jax.device_put(0.0))
   reset = _reset_peak()
   base_rss = _status_kb("VmRSS")
   base_hwm = _status_kb("VmHWM")
   t = time.perf_counter()
-  _, params = hf_checkpoint.from_pretrained(path, mesh=mesh, rules=rules)
+  _, params = hf_llm.from_pretrained(path, mesh=mesh, rules=rules)
   jax.block_until_ready(params)
   load_s = time.perf_counter() - t
   peak_kb = _status_kb("VmHWM") - (base_rss if reset else base_hwm)

@@ -41,8 +41,8 @@ def get_config(arg=None):
 
 def set_tower_shapes(c) -> None:
   """data.image_size / resize_mode / max_frames from the tower's config files."""
-  from vsrllm_jax.models import vision_checkpoint  # pylint: disable=g-import-not-at-top
-  tower = vision_checkpoint.read_config(c.encoder.path, feature_layer=c.encoder.feature_layer,
+  from vsrllm_jax.formats import hf_vision  # pylint: disable=g-import-not-at-top
+  tower = hf_vision.read_config(c.encoder.path, feature_layer=c.encoder.feature_layer,
                                         drop_cls=c.encoder.drop_cls)
   c.data.image_size = tower.image_size
   c.data.resize_mode = tower.resize_mode

@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 from tests.helpers.numerics import assert_close
-from vsrllm_jax.models import avhubert
-from vsrllm_jax.models.avhubert import AvHubertConfig, AvHubertEncoder
-from vsrllm_jax.models.fairseq_checkpoint import (UnsafeCheckpointError, load_avhubert,
-                                                  save_avhubert)
-from vsrllm_jax.models.video_encoder import PIXEL_MEAN, PIXEL_STD
+from vsrllm_jax.models.encoders import avhubert
+from vsrllm_jax.models.encoders.avhubert import AvHubertConfig, AvHubertEncoder
+from vsrllm_jax.formats.fairseq_avhubert import load as load_avhubert, save as save_avhubert
+from vsrllm_jax.formats.torch_pickle import UnsafeCheckpointError
+from vsrllm_jax.models.encoders.video_encoder import PIXEL_MEAN, PIXEL_STD
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*is deprecated:FutureWarning")
 

@@ -15,7 +15,10 @@ from safetensors.numpy import load_file, save_file
 from tests.helpers.numerics import assert_close
 from tests.helpers import tiny_run_config
 from vsrllm_jax.run import checkpoint, setup as setup_lib
-from vsrllm_jax import convert, from_torch, sharding, torch_layout
+from vsrllm_jax import convert, from_torch, sharding
+from vsrllm_jax.formats import export_bundle
+from vsrllm_jax.formats import projector as projector_format
+from vsrllm_jax.models import encoders
 from vsrllm_jax.training import loop
 from vsrllm_jax.run import open as open_lib
 from vsrllm_jax.run import state as state_lib
@@ -43,8 +46,8 @@ def exported(run, tmp_path_factory):
 def test_export_writes_every_part(exported):
   out, meta = exported
   assert sorted(os.listdir(out)) == ["encoder.safetensors", "llm", "projector.safetensors",
-                                     convert.CONFIG_FILE]
-  on_disk = json.load(open(os.path.join(out, convert.CONFIG_FILE)))
+                                     export_bundle.CONFIG_FILE]
+  on_disk = json.load(open(os.path.join(out, export_bundle.CONFIG_FILE)))
   assert on_disk == json.loads(json.dumps(meta))
   assert meta["projector"]["config"]["name"] == "mlp" and meta["encoder"]["format"] == \
       "torch_layout"
@@ -79,14 +82,15 @@ def _assert_same(got, want):
     np.testing.assert_array_equal(got[k], want[k], err_msg="/".join(k))
 
 
-def test_jax_to_torch_files_to_jax_is_bit_identical(run, exported):
+def test_jax_to_torch_files_to_jax_is_bit_identical(run, exported, tmp_path):
   out, _ = exported
   config, model, params, model_state = _opened(run)
-  projector = torch_layout.from_state_dict(load_file(os.path.join(out, "projector.safetensors")),
-                                           convert.projector_rules(model, config))
+  projector = projector_format.from_state_dict(
+      model, config, load_file(os.path.join(out, "projector.safetensors")))
   _assert_same(projector["projector"], params["projector"])
-  encoder = from_torch.read_encoder(load_file(os.path.join(out, "encoder.safetensors")), model,
-                                    config)
+  meta = export_bundle.read(out)
+  kind = encoders.KINDS.get(meta["encoder"]["kind"])
+  _, encoder = kind.import_export(out, meta["encoder"], config.encoder, str(tmp_path))
   _assert_same(encoder["params"], params["encoder"])
   _assert_same(encoder["batch_stats"], model_state["batch_stats"]["encoder"])
 

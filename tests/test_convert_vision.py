@@ -20,12 +20,16 @@ from configs import image_caption
 from vsrllm_jax.run import checkpoint, setup as setup_lib, state as state_lib
 from vsrllm_jax.run import open as open_lib
 from vsrllm_jax import convert, from_torch, sharding
+from vsrllm_jax.formats import export_bundle
 from vsrllm_jax.training import loop
 from vsrllm_jax.run import workdir as workdir_lib
 from vsrllm_jax.models import build as build_lib
 from vsrllm_jax.data import pipeline
-from vsrllm_jax.models import vision_checkpoint, vision_tower
+from vsrllm_jax.formats import hf_vision
+from vsrllm_jax.models.encoders import vision_tower
 from vsrllm_jax.models.vsr_model import VSRModel
+from vsrllm_jax.models import encoders
+from vsrllm_jax.torch_port import encoders as torch_encoders
 from vsrllm_jax.torch_port import model as torch_model
 
 VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
@@ -78,10 +82,10 @@ def exports(towers, tmp_path_factory):
   """case -> (config, params, export dir) for each of CASES."""
   out = {}
   for case in CASES:
-    config, params = vision_checkpoint.from_pretrained_vision(
+    config, params = hf_vision.from_pretrained_vision(
         towers[case[0]], param_dtype=case[4], **_overrides(case))
     path = tmp_path_factory.mktemp("export") / "encoder"
-    vision_checkpoint.save_vision_tower(path, config, params, towers[case[0]])
+    hf_vision.save_vision_tower(path, config, params, towers[case[0]])
     out[case] = config, params, path
   return out
 
@@ -102,7 +106,7 @@ def test_export_loads_strictly_in_transformers(exports, case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_our_loader_reads_the_export_back_bit_identical(exports, case):
   config, params, path = exports[case]
-  again_config, again = vision_checkpoint.from_pretrained_vision(path, **_overrides(case))
+  again_config, again = hf_vision.from_pretrained_vision(path, **_overrides(case))
   assert again_config == config          # shape, pixel statistics, resize mode, feature choice
   got, want = flax.traverse_util.flatten_dict(again), flax.traverse_util.flatten_dict(params)
   assert got and set(got) == set(want)
@@ -116,8 +120,8 @@ def test_torch_tower_features_match_ours(exports, case):
   config, params, path = exports[case]
   images = np.random.default_rng(1).integers(0, 256, (2, 1, 16, 16, 3), dtype=np.uint8)
   ours, ours_mask = vision_tower.VisionTower(config).apply({"params": params}, images[:, 0])
-  tower = torch_model._load_vision_tower(  # pylint: disable=protected-access
-      str(path), convert._asdict(config))  # pylint: disable=protected-access
+  tower = torch_encoders.load("hf_vision_tower", str(path),
+                              encoders.kind_of(config).config_to_json(config))
   mask = torch.tensor([[True], [False]])
   with torch.no_grad():
     feats, feats_mask = tower(torch.from_numpy(images), mask)
@@ -132,11 +136,11 @@ def test_torch_tower_features_match_ours(exports, case):
 def test_export_needs_the_source_directory(exports, towers, tmp_path):
   config, params, _ = exports[CASES[0]]
   with pytest.raises(FileNotFoundError, match="config.json not found"):
-    vision_checkpoint.save_vision_tower(tmp_path / "a", config, params, tmp_path / "nowhere")
+    hf_vision.save_vision_tower(tmp_path / "a", config, params, tmp_path / "nowhere")
   with pytest.raises(ValueError, match="do not fit this directory"):   # CLIP params, SigLIP dir
-    vision_checkpoint.save_vision_tower(tmp_path / "b", config, params, towers["siglip_vision"])
+    hf_vision.save_vision_tower(tmp_path / "b", config, params, towers["siglip_vision"])
   with pytest.raises(ValueError, match="params do not match their config"):
-    vision_checkpoint.save_vision_tower(tmp_path / "c", config, {"layers": params["layers"]},
+    hf_vision.save_vision_tower(tmp_path / "c", config, {"layers": params["layers"]},
                                         towers["clip_vision"])
 
 
@@ -174,7 +178,7 @@ def test_run_export_holds_the_tower_and_transcribes_as_jax_does(run, exported, t
   from vsrllm_jax.tools import compare_torch  # pylint: disable=g-import-not-at-top
   out, meta = exported
   assert sorted(os.listdir(out)) == ["encoder", "llm", "projector.safetensors",
-                                     convert.CONFIG_FILE]
+                                     export_bundle.CONFIG_FILE]
   assert meta["encoder"]["format"] == "hf_vision_tower" and meta["encoder"]["dir"] == "encoder"
   assert (meta["encoder"]["config"]["feature_layer"], meta["encoder"]["config"]["drop_cls"]) == (
       -2, True)

@@ -8,7 +8,10 @@ from configs import common
 from tests.test_encoder_pretraining import SMALL
 from tests.test_llm_pretraining import check_transformers_parity
 from tests.helpers.tiny import small_data_config
-from vsrllm_jax.models import encoder_io, hf_checkpoint
+from vsrllm_jax.models import encoders
+
+COMPACT = encoders.KINDS.get("compact")
+from vsrllm_jax.formats import hf_llm
 from vsrllm_jax.tools import make_embedded
 
 EMBEDDED = common.EMBEDDED_DIR
@@ -27,8 +30,8 @@ def test_embedded_llm_matches_transformers():
 
 
 def test_embedded_encoder_loads_through_the_checkpoint_path():
-  config, variables = encoder_io.load_encoder(os.path.join(EMBEDDED, "encoder"))
-  assert config == encoder_io.read_config(os.path.join(EMBEDDED, "encoder"))
+  config, variables = encoders.load_directory(os.path.join(EMBEDDED, "encoder"))
+  assert config == encoders.directory_config(os.path.join(EMBEDDED, "encoder"))
   assert set(variables) == {"params", "batch_stats"}
 
 
@@ -54,8 +57,8 @@ def test_make_embedded_builds_atomically_and_keeps_old_models_on_a_miss(tmp_path
       "encoder", "llm", "quality.json"]
   assert json.loads((out / "quality.json").read_text()) == json.loads(json.dumps(record))
   assert set(make_embedded.THRESHOLDS) <= set(record["quality"])
-  assert encoder_io.read_config(out / "encoder") == SMALL
-  assert hf_checkpoint.from_pretrained(out / "llm")[0].config.hidden_dim == 32
+  assert encoders.directory_config(out / "encoder") == SMALL
+  assert hf_llm.from_pretrained(out / "llm")[0].config.hidden_dim == 32
 
   with pytest.raises(RuntimeError, match="miss their quality thresholds.*test_frame_accuracy"):
     make_embedded.build(str(out), encoder_steps=4, llm_steps=4,

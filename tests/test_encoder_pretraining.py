@@ -15,8 +15,11 @@ from tests.helpers.tiny import small_data_config
 from vsrllm_jax.data.synthetic import synthetic_lips
 from vsrllm_jax.data.synthetic import visemes
 from vsrllm_jax.data.synthetic.spec import SyntheticLipsSpec
-from vsrllm_jax.models import encoder_io
-from vsrllm_jax.models.video_encoder import StemConv, VideoEncoder, VideoEncoderConfig
+from vsrllm_jax.formats import encoder_dir
+from vsrllm_jax.models import encoders
+
+COMPACT = encoders.KINDS.get("compact")
+from vsrllm_jax.models.encoders.video_encoder import StemConv, VideoEncoder, VideoEncoderConfig
 from vsrllm_jax.tools import pretrain_encoder
 
 SMALL = VideoEncoderConfig(stem_channels=4, resnet_channels=(4, 8, 8, 8),
@@ -42,48 +45,48 @@ def _init(config, seed=0):
   """
   rng = np.random.default_rng(seed)
   tensors = {}
-  for key, shape in encoder_io.expected_shapes(config).items():
+  for key, shape in COMPACT.variable_shapes(config).items():
     value = rng.normal(0.0, 0.3, shape)
     if key.endswith(("/var", "/scale")):
       value = 1.0 + np.abs(value)
     tensors[key] = value.astype(np.float32)
-  return encoder_io.unflatten(tensors)
+  return encoder_dir.unflatten(tensors)
 
 
 def test_save_load_round_trip_is_exact(tmp_path):
   variables = _init(SMALL)
-  encoder_io.save_encoder(tmp_path / "enc", SMALL, variables)
+  COMPACT.save(tmp_path / "enc", SMALL, variables)
   assert sorted(p.name for p in (tmp_path / "enc").iterdir()) == ["config.json",
                                                                  "model.safetensors"]
-  assert json.loads((tmp_path / "enc" / "config.json").read_text())["format"] == encoder_io.FORMAT
-  config, loaded = encoder_io.load_encoder(tmp_path / "enc")
+  assert json.loads((tmp_path / "enc" / "config.json").read_text())["format"] == encoder_dir.FORMAT
+  config, loaded = encoders.load_directory(tmp_path / "enc")
   assert config == SMALL
   assert jax.tree.structure(loaded) == jax.tree.structure(variables)
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables)):
     assert a.dtype == np.float32
     np.testing.assert_array_equal(a, b)
   # Overwriting is atomic and leaves no temporary directories behind.
-  encoder_io.save_encoder(tmp_path / "enc", SMALL, variables)
+  COMPACT.save(tmp_path / "enc", SMALL, variables)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["enc"]
 
 
 def test_load_errors_name_the_problem(tmp_path):
   variables = _init(SMALL)
-  encoder_io.save_encoder(tmp_path / "enc", SMALL, variables)
+  COMPACT.save(tmp_path / "enc", SMALL, variables)
   (tmp_path / "enc" / "model.safetensors").unlink()
   with pytest.raises(FileNotFoundError, match="model.safetensors"):
-    encoder_io.load_encoder(tmp_path / "enc")
+    encoders.load_directory(tmp_path / "enc")
   with pytest.raises(FileNotFoundError, match="config.json"):
-    encoder_io.load_encoder(tmp_path / "nowhere")
+    encoders.load_directory(tmp_path / "nowhere")
   # Weights of another shape under this config: the message names the key.
   other = VideoEncoderConfig(**{**SMALL.__dict__, "hidden_dim": 32, "mlp_dim": 64})
-  encoder_io.save_encoder(tmp_path / "other", other, _init(other))
+  COMPACT.save(tmp_path / "other", other, _init(other))
   cfg_file = tmp_path / "other" / "config.json"
   cfg_file.write_text((tmp_path / "enc" / "config.json").read_text())
   with pytest.raises(ValueError, match="frontend_proj/kernel"):
-    encoder_io.load_encoder(tmp_path / "other")
+    encoders.load_directory(tmp_path / "other")
   with pytest.raises(ValueError, match="missing keys"):
-    encoder_io.save_encoder(tmp_path / "x", SMALL, {"params": {}, "batch_stats": {}})
+    COMPACT.save(tmp_path / "x", SMALL, {"params": {}, "batch_stats": {}})
 
 
 @jax.jit
@@ -165,5 +168,5 @@ def test_reduced_pretraining_reads_unseen_speakers(reduced_data, tmp_path):
   assert metrics["train_frame_accuracy"] >= MIN_UNSEEN_ACCURACY, metrics
   # Only the first 200 train clips are trained on; the last 40 are held out.
   assert metrics["training_clips"] == 200 and metrics["steps"] == 100
-  config, variables = encoder_io.load_encoder(tmp_path / "enc")
+  config, variables = encoders.load_directory(tmp_path / "enc")
   assert config == encoder_cfg and "head" not in variables["params"]

@@ -15,15 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from configs.common import get_base_config
 from tests.helpers.numerics import assert_close
+from tests.helpers.hf_models import saved_llama
 from tests.helpers.tiny import random_batch, tiny_config
 from vsrllm_jax import decode as decode_cmd
 from vsrllm_jax.inference import predictor
 from vsrllm_jax.inference import beam_search, generation
-from vsrllm_jax.models import build, hf_checkpoint, llm
+from vsrllm_jax.models import build, llm
+from vsrllm_jax.formats import hf_llm
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
@@ -39,11 +40,9 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   """(hf model, our model, params, prompts): ids [B, P] padded on the right for us."""
-  torch.manual_seed(0)
-  hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
   path = tmp_path_factory.mktemp("llama")
-  hf.save_pretrained(path)
-  model, params = hf_checkpoint.from_pretrained(path)
+  hf = saved_llama(path, **TINY)
+  model, params = hf_llm.from_pretrained(path)
   p = max(LENGTHS)
   ids = np.random.default_rng(0).integers(3, TINY["vocab_size"], size=(len(LENGTHS), p))
   mask = (np.arange(p)[None] < np.asarray(LENGTHS)[:, None]).astype(np.int32)

@@ -21,7 +21,7 @@ from vsrllm_jax.run import setup as setup_lib
 from vsrllm_jax.run import state as state_lib
 from vsrllm_jax.data import tokenizer as tokenizer_lib
 from vsrllm_jax.models import build as build_lib
-from vsrllm_jax.models import hf_checkpoint
+from vsrllm_jax.formats import hf_llm, tensor_map
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=8, initializer_range=0.2,
@@ -51,7 +51,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def host_params(checkpoints):
-  return {k: hf_checkpoint.from_pretrained(p)[1] for k, p in checkpoints.items()}
+  return {k: hf_llm.from_pretrained(p)[1] for k, p in checkpoints.items()}
 
 
 def _expected_shard_shape(shape, names, mesh):
@@ -65,7 +65,7 @@ def _expected_shard_shape(shape, names, mesh):
 @pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (1, 4, 2)])
 def test_mesh_load_matches_host_load(checkpoints, host_params, name, mesh_shape):
   mesh = sharding.make_mesh(mesh_shape)
-  model, params = hf_checkpoint.from_pretrained(checkpoints[name], mesh=mesh, rules=RULES)
+  model, params = hf_llm.from_pretrained(checkpoints[name], mesh=mesh, rules=RULES)
   boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                          jnp.zeros((1, 1), jnp.int32))["params"]
   expected = flax.traverse_util.flatten_dict(sharding.logical_shardings(boxed, mesh, RULES))
@@ -93,15 +93,15 @@ def test_mesh_load_matches_host_load(checkpoints, host_params, name, mesh_shape)
 
 def test_bfloat16_and_small_chunks(checkpoints, host_params, monkeypatch):
   """bf16 storage equals the fp32 load cast; row chunking changes nothing."""
-  monkeypatch.setattr(hf_checkpoint, "_CHUNK_BYTES", 40)  # a few rows per read
+  monkeypatch.setattr(tensor_map, "CHUNK_BYTES", 40)  # a few rows per read
   mesh = sharding.make_mesh((1, 4, 2))
-  model, params = hf_checkpoint.from_pretrained(checkpoints["qwen2"], param_dtype="bfloat16", mesh=mesh,
+  model, params = hf_llm.from_pretrained(checkpoints["qwen2"], param_dtype="bfloat16", mesh=mesh,
                                       rules=RULES)
   assert model.config.param_dtype == "bfloat16"
   for x, h in zip(jax.tree.leaves(params), jax.tree.leaves(host_params["qwen2"])):
     assert x.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(x), h.astype(jnp.bfloat16))
-  _, again = hf_checkpoint.from_pretrained(checkpoints["llama_sharded"])
+  _, again = hf_llm.from_pretrained(checkpoints["llama_sharded"])
   jax.tree.map(np.testing.assert_array_equal, again, host_params["llama"])
 
 
@@ -110,9 +110,9 @@ def test_stored_bfloat16_checkpoint(checkpoints, host_params, tmp_path):
   hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoints["llama"])
   hf.to(torch.bfloat16).save_pretrained(tmp_path)
   mesh = sharding.make_mesh((1, 8, 1))
-  model, params = hf_checkpoint.from_pretrained(tmp_path, mesh=mesh, rules=RULES)
+  model, params = hf_llm.from_pretrained(tmp_path, mesh=mesh, rules=RULES)
   assert model.config.param_dtype == "bfloat16"
-  _, as_fp32 = hf_checkpoint.from_pretrained(tmp_path, param_dtype="float32")
+  _, as_fp32 = hf_llm.from_pretrained(tmp_path, param_dtype="float32")
   for x, f, h in zip(*map(jax.tree.leaves, (params, as_fp32, host_params["llama"]))):
     assert x.dtype == jnp.bfloat16 and f.dtype == np.float32
     np.testing.assert_array_equal(np.asarray(x), h.astype(jnp.bfloat16))
@@ -120,15 +120,15 @@ def test_stored_bfloat16_checkpoint(checkpoints, host_params, tmp_path):
 
 
 def test_default_param_dtype(monkeypatch):
-  assert hf_checkpoint.default_param_dtype("float32") == "float32"  # CPU: as stored
-  assert hf_checkpoint.default_param_dtype("bfloat16") == "bfloat16"
+  assert hf_llm.default_param_dtype("float32") == "float32"  # CPU: as stored
+  assert hf_llm.default_param_dtype("bfloat16") == "bfloat16"
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-  assert hf_checkpoint.default_param_dtype("float32") == "bfloat16"
+  assert hf_llm.default_param_dtype("float32") == "bfloat16"
 
 
 def test_mesh_without_rules_is_an_error(checkpoints):
   with pytest.raises(ValueError, match="without rules"):
-    hf_checkpoint.from_pretrained(checkpoints["llama"], mesh=sharding.make_mesh((1, 8, 1)))
+    hf_llm.from_pretrained(checkpoints["llama"], mesh=sharding.make_mesh((1, 8, 1)))
 
 
 def test_fresh_state_matches_host_placement(checkpoints, host_params, tmp_path):

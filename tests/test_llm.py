@@ -19,9 +19,11 @@ import torch
 import transformers
 
 from configs.common import get_base_config
+from tests.helpers.hf_models import saved_llama
 from tests.helpers.numerics import assert_close
 from vsrllm_jax.inference import generation
-from vsrllm_jax.models import hf_checkpoint, llm, rope
+from vsrllm_jax.formats import hf_llm
+from vsrllm_jax.models import llm, rope
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
@@ -44,17 +46,14 @@ def _positions(mask):
 @pytest.fixture(scope="module")
 def hf_llama(tmp_path_factory):
   """A tiny LlamaForCausalLM and the directory it was saved to (safetensors)."""
-  torch.manual_seed(0)
-  hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
   path = tmp_path_factory.mktemp("llama")
-  hf.save_pretrained(path)
-  return hf, path
+  return saved_llama(path, **TINY), path
 
 
 @pytest.fixture(scope="module")
 def ours(hf_llama):
   """(model, params, jitted forward) loaded with our from_pretrained."""
-  model, params = hf_checkpoint.from_pretrained(hf_llama[1])
+  model, params = hf_llm.from_pretrained(hf_llama[1])
 
   @jax.jit
   def forward(params, ids, mask, logit_positions=None):
@@ -246,7 +245,7 @@ def test_save_pretrained_round_trip_through_transformers(tmp_path, variant):
                       head_dim=8, mlp_dim=48, max_position_embeddings=256, **extra)
   model = llm.LlamaModel(cfg)
   params = _random_params(model, 2)
-  hf_checkpoint.save_pretrained(tmp_path, cfg, params)
+  hf_llm.save_pretrained(tmp_path, cfg, params)
   hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
   assert hf.config.model_type == ("qwen2" if variant == "qwen2" else "llama")
   ids, mask = _padded_batch(np.random.default_rng(6), [200, 120], 200, cfg.vocab_size)
@@ -255,7 +254,7 @@ def test_save_pretrained_round_trip_through_transformers(tmp_path, variant):
   real = mask.astype(bool)
   assert_close(got[real], expected[real], rtol=1e-4, atol_frac=1e-5)
   # ... and back through our loader unchanged.
-  model2, params2 = hf_checkpoint.from_pretrained(tmp_path)
+  model2, params2 = hf_llm.from_pretrained(tmp_path)
   assert model2.config == cfg
   jax.tree.map(np.testing.assert_array_equal, params2, params)
 
@@ -264,22 +263,22 @@ def test_sharded_checkpoint_loads(hf_llama, ours, tmp_path):
   hf, _ = hf_llama
   hf.save_pretrained(tmp_path, max_shard_size="40KB")
   assert (tmp_path / "model.safetensors.index.json").is_file()
-  _, params = hf_checkpoint.from_pretrained(tmp_path)
+  _, params = hf_llm.from_pretrained(tmp_path)
   jax.tree.map(np.testing.assert_array_equal, params, ours[1])
   shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
   shard.unlink()
   with pytest.raises(FileNotFoundError, match=shard.name):
-    hf_checkpoint.from_pretrained(tmp_path)
+    hf_llm.from_pretrained(tmp_path)
 
 
 def test_missing_files_are_named(hf_llama, tmp_path):
   shutil.copytree(hf_llama[1], tmp_path / "ckpt")
   (tmp_path / "ckpt" / "model.safetensors").unlink()
   with pytest.raises(FileNotFoundError, match="model.safetensors"):
-    hf_checkpoint.from_pretrained(tmp_path / "ckpt")
+    hf_llm.from_pretrained(tmp_path / "ckpt")
   (tmp_path / "ckpt" / "config.json").unlink()
   with pytest.raises(FileNotFoundError, match="config.json"):
-    hf_checkpoint.from_pretrained(tmp_path / "ckpt")
+    hf_llm.from_pretrained(tmp_path / "ckpt")
 
 
 def test_checkpoint_key_mismatch_is_reported(hf_llama):
@@ -289,7 +288,7 @@ def test_checkpoint_key_mismatch_is_reported(hf_llama):
   tensors["model.layers.0.mlp.extra.weight"] = tensors.pop("model.layers.1.mlp.up_proj.weight")
   with pytest.raises(ValueError, match=r"missing keys \['model.layers.1.mlp.up_proj.weight'\]"
                      r".*unexpected keys \['model.layers.0.mlp.extra.weight'\]"):
-    hf_checkpoint.from_hf_state_dict(cfg, tensors)
+    hf_llm.from_hf_state_dict(cfg, tensors)
 
 
 @pytest.mark.parametrize("field,value", [

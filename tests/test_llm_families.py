@@ -17,7 +17,8 @@ import transformers
 
 from tests.helpers.numerics import assert_close
 from vsrllm_jax.inference import generation
-from vsrllm_jax.models import hf_checkpoint, llm
+from vsrllm_jax.formats import hf_llm
+from vsrllm_jax.models import llm
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
@@ -68,7 +69,7 @@ def family(request, tmp_path_factory):
   hf = _tiny_hf_model(name)
   path = tmp_path_factory.mktemp(name)
   hf.save_pretrained(path)
-  model, params = hf_checkpoint.from_pretrained(path)
+  model, params = hf_llm.from_pretrained(path)
 
   @jax.jit
   def forward(params, ids, mask):
@@ -123,13 +124,13 @@ def test_greedy_generation_matches_transformers(family):
 
 def test_save_pretrained_loads_back_in_transformers(family, tmp_path):
   model, params = family["model"], family["params"]
-  hf_checkpoint.save_pretrained(tmp_path, model.config, params)
+  hf_llm.save_pretrained(tmp_path, model.config, params)
   hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
   assert hf.config.model_type == family["hf"].config.model_type
   ids, mask, real = family["ids"], family["mask"], family["mask"].astype(bool)
   assert_close(_hf_logits(hf.eval(), ids, mask)[real], family["expected"][real], rtol=1e-4,
                atol_frac=1e-5)
-  model2, params2 = hf_checkpoint.from_pretrained(tmp_path)
+  model2, params2 = hf_llm.from_pretrained(tmp_path)
   assert model2.config == model.config
   jax.tree.map(np.testing.assert_array_equal, params2, params)
 

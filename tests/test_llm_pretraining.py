@@ -17,7 +17,7 @@ import transformers
 from tests.helpers.numerics import assert_close
 from vsrllm_jax.data.synthetic import grid_grammar
 from vsrllm_jax.data import tokenizer as tokenizer_lib
-from vsrllm_jax.models import hf_checkpoint
+from vsrllm_jax.formats import hf_llm
 from vsrllm_jax.tools import llm_pretraining_data, pretrain_llm
 
 SHAPE = dict(hidden_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128)
@@ -61,7 +61,7 @@ def check_transformers_parity(out):
   """fp32 logits of transformers and of our loader agree to 1e-4 on padded GRID rows."""
   hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   tok = transformers.AutoTokenizer.from_pretrained(out)
-  model, params = hf_checkpoint.from_pretrained(out)
+  model, params = hf_llm.from_pretrained(out)
   rng = np.random.default_rng(0)
   templates = tokenizer_lib.INSTRUCTION_TEMPLATES
   texts = [f"{t} {s}" for t, s in zip(templates, _gridsentences(rng, len(templates)))]

@@ -18,7 +18,7 @@ from vsrllm_jax.data.synthetic import lrs3_layout
 from vsrllm_jax.data.datasets import lrs3
 from vsrllm_jax.data.datasets import lrs3_files
 from vsrllm_jax.data import tasks
-from vsrllm_jax.models import video_encoder
+from vsrllm_jax.models.encoders import video_encoder
 
 TASK_CYCLE = ("vsr", "vst_es", "vst_fr", "vst_it", "vst_pt")
 # train clip index -> how it is broken (index 3 gets 64x64 frames instead)

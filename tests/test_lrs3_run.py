@@ -12,7 +12,8 @@ from vsrllm_jax import transcribe
 from vsrllm_jax.training import loop
 from vsrllm_jax.data.synthetic import lrs3_layout
 from vsrllm_jax.data import video_io
-from vsrllm_jax.models import avhubert, fairseq_checkpoint
+from vsrllm_jax.models.encoders import avhubert
+from vsrllm_jax.formats import fairseq_avhubert
 
 TINY_AVHUBERT = avhubert.AvHubertConfig(
     stem_channels=4, resnet_channels=(4, 8, 8, 8), resnet_blocks=(1, 1, 1, 1), hidden_dim=16,
@@ -31,7 +32,7 @@ def run(tmp_path_factory):
                                          max_frames=60)
     trees[split] = lrs3_layout.write_lrs3_like_tree(manual, clips, stem)
   encoder_pt = str(root / "avhubert_tiny.pt")
-  fairseq_checkpoint.save_avhubert(encoder_pt, TINY_AVHUBERT,
+  fairseq_avhubert.save(encoder_pt, TINY_AVHUBERT,
                                    avhubert.init_variables(TINY_AVHUBERT))
   llm = os.path.join(common.EMBEDDED_DIR, "llm")
   config = lrs3_config.get_config(f"manifest_dir={manual},encoder={encoder_pt},llm={llm},"

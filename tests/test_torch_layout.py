@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.helpers.tiny import random_batch, tiny_config
-from vsrllm_jax import torch_layout
+from vsrllm_jax.formats import torch_layout
 from vsrllm_jax.models import build as build_lib
 from vsrllm_jax.models import projectors
 from vsrllm_jax.models.vsr_model import VSRModel

@@ -21,11 +21,12 @@ import torch
 from tests import test_avhubert as fairseq_ref
 from tests.helpers.numerics import assert_close
 from tests.helpers.tiny import random_batch, tiny_config
-from vsrllm_jax import torch_layout
-from vsrllm_jax.models import avhubert as jax_avhubert
+from vsrllm_jax.formats import torch_layout
+from vsrllm_jax.models.encoders import avhubert as jax_avhubert
 from vsrllm_jax.models import build as build_lib
-from vsrllm_jax.models import video_encoder as jax_video_encoder
-from vsrllm_jax.models.fairseq_checkpoint import load_avhubert, save_avhubert
+from vsrllm_jax.models.encoders import video_encoder as jax_video_encoder
+from vsrllm_jax.formats import fairseq_avhubert
+from vsrllm_jax.formats.fairseq_avhubert import load as load_avhubert, save as save_avhubert
 from vsrllm_jax.models.vsr_model import VSRModel
 from vsrllm_jax.torch_port import avhubert as torch_avhubert
 from vsrllm_jax.torch_port import video_encoder as torch_video_encoder
@@ -101,7 +102,7 @@ def test_avhubert_port_state_dict_is_the_export(avhubert_exports):
   assert all(ours[k].shape == ex["state"][k].shape for k in ours)
   result = ex["ref"].load_state_dict(ours, strict=False)
   assert not result.unexpected_keys
-  assert all(jax_avhubert.is_known_unused(k) for k in result.missing_keys)
+  assert all(fairseq_avhubert.is_known_unused(k) for k in result.missing_keys)
   full = ex["ref"].state_dict()
   for prefix in torch_avhubert.PREFIXES:
     tuned = {prefix + k: v for k, v in full.items()}

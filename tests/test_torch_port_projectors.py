@@ -18,7 +18,7 @@ import torch
 from tests.helpers.numerics import assert_close
 from tests.helpers.torch_port_parity import (ATOL_FRAC, RTOL, assert_config_fields_match, assert_matches, load,
                                              projector_case_fixture, random_params, to_torch)
-from vsrllm_jax import torch_layout
+from vsrllm_jax.formats import torch_layout
 from vsrllm_jax.models import layers as jax_layers
 from vsrllm_jax.models.projectors import blocks as jax_blocks
 from vsrllm_jax.torch_port import blocks, layers

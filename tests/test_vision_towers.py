@@ -23,7 +23,8 @@ from safetensors.numpy import load_file, save_file
 from tests.helpers.numerics import assert_close
 from tests.helpers.image_fixtures import perturbed
 from vsrllm_jax import sharding
-from vsrllm_jax.models import vision_checkpoint, vision_tower
+from vsrllm_jax.formats import hf_vision
+from vsrllm_jax.models.encoders import vision_tower
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
               image_size=16, patch_size=4)
@@ -74,7 +75,7 @@ def checkpoints(tmp_path_factory, torch_single_thread, images):
 
 
 def _features(path, images, **overrides):
-  config, params = vision_checkpoint.from_pretrained_vision(path, **overrides)
+  config, params = hf_vision.from_pretrained_vision(path, **overrides)
   features, mask = vision_tower.VisionTower(config).apply({"params": params}, images)
   return config, np.asarray(features), np.asarray(mask)
 
@@ -107,20 +108,20 @@ def test_clip_post_layernorm_gives_the_pooled_class_token(checkpoints, images):
 
 
 def test_preprocessor_config_sets_pixel_statistics(checkpoints, images):
-  config = vision_checkpoint.read_config(checkpoints["clip_vision"]["path"])
+  config = hf_vision.read_config(checkpoints["clip_vision"]["path"])
   assert config.image_mean == tuple(PREPROCESSOR["image_mean"])
   assert config.image_std == tuple(PREPROCESSOR["image_std"])
   assert config.resize_mode == "squash"
-  defaults = vision_checkpoint.read_config(checkpoints["clip"]["path"])
+  defaults = hf_vision.read_config(checkpoints["clip"]["path"])
   assert (defaults.image_mean, defaults.image_std) == vision_tower.PIXEL_STATS["clip"]
   assert defaults.resize_mode == "center_crop"
-  siglip = vision_checkpoint.read_config(checkpoints["siglip"]["path"])
+  siglip = hf_vision.read_config(checkpoints["siglip"]["path"])
   assert siglip.image_mean == siglip.image_std == (0.5, 0.5, 0.5)
   assert siglip.resize_mode == "squash"
 
 
 def test_float_images_in_unit_range_match_uint8(checkpoints, images):
-  config, params = vision_checkpoint.from_pretrained_vision(checkpoints["siglip"]["path"])
+  config, params = hf_vision.from_pretrained_vision(checkpoints["siglip"]["path"])
   tower = vision_tower.VisionTower(config)
   a, _ = tower.apply({"params": params}, images)
   b, _ = tower.apply({"params": params}, images.astype(np.float32) / 255.0)
@@ -129,7 +130,7 @@ def test_float_images_in_unit_range_match_uint8(checkpoints, images):
 
 def test_bfloat16_load_is_close_to_float32(checkpoints, images):
   path = checkpoints["clip_vision"]["path"]
-  config, params = vision_checkpoint.from_pretrained_vision(path, dtype="bfloat16",
+  config, params = hf_vision.from_pretrained_vision(path, dtype="bfloat16",
                                                             param_dtype="bfloat16")
   assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(jax.numpy.bfloat16)}
   features, _ = vision_tower.VisionTower(config).apply({"params": params}, images)
@@ -140,15 +141,15 @@ def test_bfloat16_load_is_close_to_float32(checkpoints, images):
 
 
 def test_params_carry_logical_axes_and_skip_unused_layers(checkpoints):
-  config = vision_checkpoint.read_config(checkpoints["clip"]["path"], feature_layer=-2)
-  boxed = vision_checkpoint.param_shapes(config, boxed=True)
+  config = hf_vision.read_config(checkpoints["clip"]["path"], feature_layer=-2)
+  boxed = hf_vision.param_shapes(config, boxed=True)
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves and all(isinstance(x, nn.Partitioned) and len(x.names) == x.value.ndim
                         for x in leaves)
   flat = flax.traverse_util.flatten_dict(nn.meta.unbox(boxed))
   assert flat[("layers", "fc1", "kernel")].shape == (2, 32, 64)   # 2 of the 3 layers
   assert ("post_layernorm", "scale") not in flat
-  _, params = vision_checkpoint.from_pretrained_vision(checkpoints["clip"]["path"],
+  _, params = hf_vision.from_pretrained_vision(checkpoints["clip"]["path"],
                                                        feature_layer=-2)
   assert params["layers"]["fc1"]["kernel"].shape == (2, 32, 64)
 
@@ -156,10 +157,10 @@ def test_params_carry_logical_axes_and_skip_unused_layers(checkpoints):
 def test_mesh_load_matches_host_load(checkpoints):
   path = checkpoints["clip"]["path"]
   mesh = sharding.make_mesh((1, 4, 2))
-  config, host = vision_checkpoint.from_pretrained_vision(path)
-  _, placed = vision_checkpoint.from_pretrained_vision(path, mesh=mesh, rules=RULES)
+  config, host = hf_vision.from_pretrained_vision(path)
+  _, placed = hf_vision.from_pretrained_vision(path, mesh=mesh, rules=RULES)
   expected = flax.traverse_util.flatten_dict(sharding.logical_shardings(
-      vision_checkpoint.param_shapes(config, boxed=True), mesh, RULES))
+      hf_vision.param_shapes(config, boxed=True), mesh, RULES))
   host, placed = (flax.traverse_util.flatten_dict(t) for t in (host, placed))
   assert set(host) == set(placed) == set(expected)
   for key, x in placed.items():
@@ -171,20 +172,20 @@ def test_mesh_load_matches_host_load(checkpoints):
 
 def test_bad_directory_and_model_type(tmp_path, checkpoints):
   with pytest.raises(FileNotFoundError, match="config.json"):
-    vision_checkpoint.from_pretrained_vision(tmp_path / "nowhere")
+    hf_vision.from_pretrained_vision(tmp_path / "nowhere")
   bad = tmp_path / "vit"
   shutil.copytree(checkpoints["clip_vision"]["path"], bad)
   blob = json.loads((bad / "config.json").read_text())
   (bad / "config.json").write_text(json.dumps({**blob, "model_type": "vit"}))
   with pytest.raises(ValueError, match=r"model_type='vit'.*clip_vision_model"):
-    vision_checkpoint.from_pretrained_vision(bad)
+    hf_vision.from_pretrained_vision(bad)
   (bad / "config.json").write_text(json.dumps({**blob, "hidden_act": "relu"}))
   with pytest.raises(ValueError, match="hidden_act"):
-    vision_checkpoint.from_pretrained_vision(bad)
+    hf_vision.from_pretrained_vision(bad)
   with pytest.raises(ValueError, match="drop_cls"):
-    vision_checkpoint.read_config(checkpoints["siglip"]["path"], drop_cls=True)
+    hf_vision.read_config(checkpoints["siglip"]["path"], drop_cls=True)
   with pytest.raises(ValueError, match="feature_layer"):
-    vision_checkpoint.read_config(checkpoints["siglip"]["path"], feature_layer=4)
+    hf_vision.read_config(checkpoints["siglip"]["path"], feature_layer=4)
 
 
 def test_missing_and_unexpected_vision_keys_are_named(tmp_path, checkpoints):
@@ -206,7 +207,7 @@ def test_missing_and_unexpected_vision_keys_are_named(tmp_path, checkpoints):
     shutil.copy(src / "config.json", path / "config.json")
     save_file(state, str(path / "model.safetensors"))
     with pytest.raises(ValueError, match=message):
-      vision_checkpoint.from_pretrained_vision(path)
+      hf_vision.from_pretrained_vision(path)
   # Text-tower keys outside the vision prefix are ignored, tolerated extras inside it too.
   path = tmp_path / "extras"
   path.mkdir()
@@ -215,11 +216,11 @@ def test_missing_and_unexpected_vision_keys_are_named(tmp_path, checkpoints):
              "vision_model.embeddings.position_ids": np.arange(17, dtype=np.int64)[None],
              "text_model.embeddings.token_embedding.weight": np.zeros((4, 32), np.float32)},
             str(path / "model.safetensors"))
-  vision_checkpoint.from_pretrained_vision(path)
+  hf_vision.from_pretrained_vision(path)
 
 
 def test_wrong_image_size_is_an_error(checkpoints):
-  config, params = vision_checkpoint.from_pretrained_vision(checkpoints["siglip"]["path"])
+  config, params = hf_vision.from_pretrained_vision(checkpoints["siglip"]["path"])
   with pytest.raises(ValueError, match=r"expected \[B, 16, 16, 3\]"):
     vision_tower.VisionTower(config).apply({"params": params}, np.zeros((1, 32, 32, 3), np.uint8))
 

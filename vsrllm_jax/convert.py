@@ -9,20 +9,16 @@ Reads the run's config.json and its best checkpoint by validation WER (or
                               tokenizer) that transformers' Auto classes load; with
                               --llm_reference and a frozen pretrained LLM, instead
                               OUT/llm_reference.json naming the original directory
-  OUT/encoder.pt              AV-HuBERT encoders: the fairseq layout (what
-                              ``encoder.path=*.pt`` imports)
-  OUT/encoder.safetensors     the compact video encoder: torch layout (params and
-                              batch-norm statistics, ``torch_layout``)
-  OUT/encoder/                a CLIP / SigLIP vision tower: a Hugging Face
-                              CLIPVisionModel / SiglipVisionModel directory
-                              (``vision_checkpoint.save_vision_tower``; what
-                              ``encoder.path=DIR`` imports), its feature choice in
-                              vsrllm_config.json
+  OUT/<encoder>               in its kind's format (``models.encoders``): a fairseq
+                              ``encoder.pt`` for AV-HuBERT, ``encoder.safetensors`` in
+                              torch layout for the compact encoder, an ``encoder/``
+                              Hugging Face directory for a CLIP / SigLIP tower, an
+                              ``encoder/`` encoder directory for any other kind
   OUT/projector.safetensors   the projector in torch layout (Linear kernels
                               transposed, conv kernels OI[D]HW, scan stacks per layer)
   OUT/vsrllm_config.json      the run's config, the tokenizer's special ids, the
                               instruction token ids per task, the files above and
-                              their formats
+                              their formats (``formats.export_bundle``)
 
 Everything is written into a temporary directory next to OUT and renamed to
 OUT at the end, so an interrupted export never looks complete.
@@ -34,24 +30,15 @@ import os
 import shutil
 import tempfile
 
-import flax
-import jax
-import numpy as np
 from absl import app, flags
 
-from vsrllm_jax import torch_layout
-from vsrllm_jax.data import batch as batch_lib
 from vsrllm_jax.data import tasks as tasks_lib
 from vsrllm_jax.data import tokenizer as tokenizer_lib
-from vsrllm_jax.models import avhubert, encoder_io, encoders, hf_checkpoint
-from vsrllm_jax.models import fairseq_checkpoint, video_encoder, vision_tower
-from vsrllm_jax.models import vision_checkpoint
-from vsrllm_jax.models.vsr_model import VSRModel
+from vsrllm_jax.formats import export_bundle, hf_llm, safetensors_io
+from vsrllm_jax.formats import projector as projector_format
+from vsrllm_jax.models import encoders
 from vsrllm_jax.run import open as open_lib
 from vsrllm_jax.training import optim
-
-FORMAT_VERSION = 1
-CONFIG_FILE = "vsrllm_config.json"
 
 
 def define_flags(flag_values=flags.FLAGS) -> None:
@@ -66,64 +53,15 @@ def define_flags(flag_values=flags.FLAGS) -> None:
                     "config.llm.path instead of a copy of its weights.", **fv)
 
 
-def _sample_batch(config) -> dict:
-  batch = batch_lib.dummy_batch(config, 1)
-  return {k: np.asarray(v) for k, v in batch.items()}
-
-
-def _rules(model: VSRModel, config, prefix, collection="params", method=VSRModel.project):
-  batch = _sample_batch(config)
-  rngs = {"params": jax.random.key(0), "dropout": jax.random.key(0)}
-  boxed = jax.eval_shape(lambda: model.init(rngs, batch, train=False))
-  variables = flax.linen.meta.unbox(boxed)
-  kwargs = dict(train=False) if method is VSRModel.project else {}
-  return torch_layout.plan(model, boxed[collection], variables=variables, args=(batch,),
-                           method=method, kwargs=kwargs, prefix=prefix)
-
-
-def _save_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path,
-            metadata={"format": "pt"})
-
-
-def _strip(state: dict, prefix: str) -> dict:
-  return {k[len(prefix):]: v for k, v in state.items()}
-
-
-def _write_encoder(out: str, model: VSRModel, config, params, model_state) -> dict:
+def _write_encoder(out: str, model, config, params, model_state) -> dict:
+  """The encoder in its kind's export format; its entry of the export's config."""
   cfg = model.encoder_config
+  kind = encoders.kind_of(cfg)
   variables = {"params": params["encoder"],
                "batch_stats": (model_state.get("batch_stats") or {}).get("encoder", {})}
-  if isinstance(cfg, avhubert.AvHubertConfig):
-    fairseq_checkpoint.save_avhubert(os.path.join(out, "encoder.pt"), cfg, variables)
-    return {"file": "encoder.pt", "format": "fairseq_avhubert", "config": _asdict(cfg)}
-  if isinstance(cfg, vision_tower.VisionTowerConfig):
-    source = config.encoder.path
-    if not os.path.isdir(source):
-      raise FileNotFoundError(f"the run's config encoder.path={source!r} is not a directory: "
-                              "exporting a vision tower needs the Hugging Face directory it was "
-                              "loaded from (for the layers and heads the run never loaded)")
-    vision_checkpoint.save_vision_tower(os.path.join(out, "encoder"), cfg,
-                                        params["encoder"]["tower"], source)
-    return {"dir": "encoder", "format": "hf_vision_tower", "config": _asdict(cfg)}
-  assert isinstance(cfg, video_encoder.VideoEncoderConfig)
-  tensors = torch_layout.to_state_dict(params, encoder_rules(model, config))
-  if model_state.get("batch_stats"):   # running_mean / running_var beside the params
-    tensors.update(torch_layout.to_state_dict(model_state["batch_stats"],
-                                              encoder_rules(model, config, "batch_stats")))
-  _save_safetensors(os.path.join(out, "encoder.safetensors"), tensors)
-  return {"file": "encoder.safetensors", "format": "torch_layout",
-          "config": encoder_io.config_to_json(cfg)}
-
-
-def encoder_rules(model: VSRModel, config, collection: str = "params"):
-  """torch_layout rules of the compact encoder's ``params`` or ``batch_stats``."""
-  return _rules(model, config, ("encoder",), collection=collection, method=VSRModel.encode)
-
-
-def projector_rules(model: VSRModel, config):
-  return _rules(model, config, ("projector",))
+  entry = kind.export(out, cfg, variables, config.encoder)
+  return dict(entry, kind=kind.name, torch_twin=kind.torch_twin,
+              config=kind.config_to_json(cfg), feature_dim=kind.feature_dim(cfg))
 
 
 def _instruction_ids(config, tok, special) -> dict[str, dict]:
@@ -133,11 +71,6 @@ def _instruction_ids(config, tok, special) -> dict[str, dict]:
   return {task: {"text": text, "ids": tokenizer_lib.instruction_ids(tok, text, special,
                                                                    chat_template=chat)}
           for task, text in texts.items()}
-
-
-def _asdict(cfg) -> dict:
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
 
 
 def convert(workdir: str, output: str, step: int | None = None,
@@ -161,22 +94,21 @@ def convert(workdir: str, output: str, step: int | None = None,
                          "run " + ("trained LLM params" if not llm_frozen else
                                    "initialised its LLM randomly (llm.path='')"))
       llm = {"reference": os.path.abspath(config.llm.path)}
-      with open(os.path.join(tmp, "llm_reference.json"), "w") as f:
+      with open(os.path.join(tmp, export_bundle.LLM_REFERENCE_FILE), "w") as f:
         json.dump(llm, f, indent=2)
     else:
-      hf_checkpoint.save_pretrained(os.path.join(tmp, "llm"), model.llm_config, params["llm"])
-      tok.save_pretrained(os.path.join(tmp, "llm"))
-      llm = {"dir": "llm", "trained": not llm_frozen}
+      hf_llm.save_pretrained(os.path.join(tmp, export_bundle.LLM_DIR), model.llm_config,
+                             params["llm"])
+      tok.save_pretrained(os.path.join(tmp, export_bundle.LLM_DIR))
+      llm = {"dir": export_bundle.LLM_DIR, "trained": not llm_frozen}
     encoder = _write_encoder(tmp, model, config, params, model_state)
-    encoder["feature_dim"] = encoders.feature_dim(model.encoder_config)
-    _save_safetensors(os.path.join(tmp, "projector.safetensors"),
-                      torch_layout.to_state_dict(params, projector_rules(model, config)))
+    safetensors_io.write(os.path.join(tmp, export_bundle.PROJECTOR_FILE),
+                         projector_format.to_state_dict(model, config, params))
     special = tokenizer_lib.special_tokens(tok, chat_template=config.data.get("chat_template",
                                                                               False))
-    meta = {"format_version": FORMAT_VERSION, "source": {"workdir": os.path.abspath(workdir),
-                                                         "step": int(step)},
+    meta = {"source": {"workdir": os.path.abspath(workdir), "step": int(step)},
             "llm": llm, "encoder": encoder,
-            "projector": {"file": "projector.safetensors", "format": "torch_layout",
+            "projector": {"file": export_bundle.PROJECTOR_FILE, "format": "torch_layout",
                           "config": dict(config.projector.to_dict()),
                           "output_dim": model.llm_config.hidden_dim},
             "tokenizer": {"bos_id": special.bos_id, "eos_ids": list(special.eos_ids),
@@ -188,8 +120,8 @@ def convert(workdir: str, output: str, step: int | None = None,
             "instructions": _instruction_ids(config, tok, special),
             "decode": dict(config.decode.to_dict()),
             "config": json.loads(config.to_json())}
-    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-      json.dump(meta, f, indent=2)
+    export_bundle.write(tmp, meta)
+    meta = export_bundle.read(tmp)
     _share(tmp)
     os.replace(tmp, output)
   finally:

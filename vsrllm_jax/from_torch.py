@@ -18,14 +18,13 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import app, flags
-from safetensors.numpy import load_file
 
-from vsrllm_jax import convert, sharding, torch_layout
+from vsrllm_jax import sharding
+from vsrllm_jax.formats import export_bundle, hf_llm, safetensors_io
+from vsrllm_jax.formats import projector as projector_format
 from vsrllm_jax.models import build as build_lib
-from vsrllm_jax.models import encoder_io, encoders, fairseq_checkpoint, hf_checkpoint
-from vsrllm_jax.models.vsr_model import VSRModel
+from vsrllm_jax.models import encoders
 from vsrllm_jax.run import checkpoint, state as state_lib
 from vsrllm_jax.run import workdir as workdir_lib
 
@@ -50,74 +49,26 @@ def define_flags(flag_values=flags.FLAGS) -> None:
                       required=True, **fv)
 
 
-def read_export(export: str) -> dict:
-  """The export's vsrllm_config.json, checked for its format version."""
-  path = os.path.join(export, convert.CONFIG_FILE)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found: --export must be a directory written by "
-                            "python -m vsrllm_jax.convert")
-  with open(path) as f:
-    meta = json.load(f)
-  if meta.get("format_version") != convert.FORMAT_VERSION:
-    raise ValueError(f"{path} has format_version={meta.get('format_version')}; this code reads "
-                     f"{convert.FORMAT_VERSION}")
-  return meta
-
-
-def read_encoder(state: dict, model: VSRModel, config) -> dict:
-  """The compact encoder's torch-layout tensors -> {'params', 'batch_stats'} trees."""
-  stats_rules = convert.encoder_rules(model, config, "batch_stats")
-  stat_keys = {r.torch_key.replace("{i}", str(i)) for r in stats_rules.values()
-               for i in range(r.shape[0] if r.stacked else 1)}
-  params = torch_layout.from_state_dict({k: v for k, v in state.items() if k not in stat_keys},
-                                        convert.encoder_rules(model, config))
-  stats = (torch_layout.from_state_dict({k: state[k] for k in stat_keys if k in state},
-                                        stats_rules) if stats_rules else {})
-  return {"params": params["encoder"], "batch_stats": stats.get("encoder", {})}
-
-
-def _model(config, meta: dict) -> VSRModel:
-  """The exported model; the compact encoder's shape comes from the export itself (a
-  vision tower's from its directory, which ``encoder.path`` names by then)."""
-  encoder = meta["encoder"]
-  if encoder["format"] in ("fairseq_avhubert", "hf_vision_tower"):
-    return build_lib.build_model(config)
-  shell = ml_collections.ConfigDict(config.to_dict())
-  shell.encoder.path = ""
-  enc_cfg = encoder_io.config_from_json(encoder["config"], convert.CONFIG_FILE)
-  return build_lib.build_model(shell).clone(encoder_config=enc_cfg)
-
-
 def import_export(export: str, workdir: str) -> int:
   """Writes the run ``workdir`` from ``export``; returns the checkpoint's step."""
-  meta = read_export(export)
+  meta = export_bundle.read(export)
   ckpt_dir = os.path.join(workdir, checkpoint.LATEST_DIR)
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     raise FileExistsError(f"{ckpt_dir} already holds checkpoints; choose a new --workdir")
   config = ml_collections.ConfigDict(workdir_lib.to_tuples(meta["config"]))
-  llm_dir = meta["llm"].get("reference") or os.path.join(export, meta["llm"]["dir"])
-  config.llm.path = config.llm.tokenizer_path = os.path.abspath(llm_dir)
-  encoder = meta["encoder"]
-  if encoder["format"] == "hf_vision_tower":   # a Hugging Face directory: read as such
-    config.encoder.path = os.path.abspath(os.path.join(export, encoder["dir"]))
-  model = _model(config, meta)
-
-  if encoder["format"] == "fairseq_avhubert":
-    config.encoder.path = os.path.abspath(os.path.join(export, encoder["file"]))
-    _, enc_vars = fairseq_checkpoint.load_avhubert(config.encoder.path)
-  elif encoder["format"] == "hf_vision_tower":
-    enc_vars = {"batch_stats": {}, **encoders.load_pretrained(config.encoder)}
-  else:   # the compact encoder: written in its own checkpoint format into the new run
-    enc_vars = read_encoder(load_file(os.path.join(export, encoder["file"])), model, config)
-    config.encoder.path = os.path.join(os.path.abspath(workdir), "encoder")
-    encoder_io.save_encoder(config.encoder.path, model.encoder_config,
-                            jax.tree.map(lambda x: np.asarray(x, np.float32), enc_vars))
-
-  _, llm_params = hf_checkpoint.from_pretrained(config.llm.path, dtype=config.dtype,
-                                                param_dtype=state_lib.frozen_dtype(config))
-  projector = torch_layout.from_state_dict(
-      load_file(os.path.join(export, meta["projector"]["file"])),
-      convert.projector_rules(model, config))
+  config.llm.path = config.llm.tokenizer_path = os.path.abspath(
+      export_bundle.llm_dir(export, meta))
+  entry = meta["encoder"]
+  # Exports written before the encoder registry name no kind: the run's config says.
+  kind = encoders.KINDS.get(entry["kind"]) if "kind" in entry else encoders.resolve(
+      config.encoder)
+  updates, enc_vars = kind.import_export(export, entry, config.encoder, workdir)
+  config.encoder.update(updates)
+  model = build_lib.build_model(config)
+  _, llm_params = hf_llm.from_pretrained(config.llm.path, dtype=config.dtype,
+                                         param_dtype=state_lib.frozen_dtype(config))
+  projector = projector_format.from_state_dict(
+      model, config, safetensors_io.read_all(os.path.join(export, meta["projector"]["file"])))
   params = {"llm": llm_params, "encoder": enc_vars["params"], **projector}
   layout = state_lib.layout(model, config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
   missing = sorted(set(layout.params) - set(params))
@@ -125,7 +76,7 @@ def import_export(export: str, workdir: str) -> int:
     raise ValueError(f"{export}: the export has no weights for {missing}")
   model_state = {}
   if layout.model_state.get("batch_stats"):
-    model_state = {"batch_stats": {"encoder": enc_vars["batch_stats"]}}
+    model_state = {"batch_stats": {"encoder": enc_vars.get("batch_stats", {})}}
   state = state_lib.create(model, config, layout,
                            pretrained_params={k: params[k] for k in layout.params},
                            pretrained_model_state=model_state)

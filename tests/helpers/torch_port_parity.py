@@ -13,7 +13,7 @@ import torch
 
 from tests.helpers.numerics import assert_close
 from tests.helpers.tiny import random_batch, tiny_config
-from vsrllm_jax import torch_layout
+from vsrllm_jax.formats import torch_layout
 from vsrllm_jax.models import build as build_lib
 from vsrllm_jax.models import projectors as jax_projectors
 from vsrllm_jax.models.vsr_model import VSRModel

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vsrllm_jax.models.video_encoder import PIXEL_MEAN, PIXEL_STD
+from vsrllm_jax.models.encoders.video_encoder import PIXEL_MEAN, PIXEL_STD
 
 CROP_SIZE = 88
 MEAN_GRAY = int(round(PIXEL_MEAN * 255))

@@ -19,7 +19,8 @@ from jax.experimental import multihost_utils
 
 from vsrllm_jax import sharding
 from vsrllm_jax.data import feature_cache, pipeline, sources
-from vsrllm_jax.models import encoders, video_encoder
+from vsrllm_jax.models import encoders
+from vsrllm_jax.models.encoders import video_encoder
 from vsrllm_jax.models.vsr_model import VSRModel
 from vsrllm_jax.run.setup import RunSetup
 

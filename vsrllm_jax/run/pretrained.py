@@ -6,7 +6,8 @@ never reads them: its checkpoint holds its weights.
 from __future__ import annotations
 
 from vsrllm_jax import sharding
-from vsrllm_jax.models import encoders, hf_checkpoint
+from vsrllm_jax.models import encoders
+from vsrllm_jax.formats import hf_llm
 from vsrllm_jax.run.state import frozen_dtype
 
 
@@ -20,7 +21,7 @@ def load(config, mesh) -> tuple[dict, dict]:
   """
   params, model_state = {}, {}
   if config.llm.path:
-    _, params["llm"] = hf_checkpoint.from_pretrained(
+    _, params["llm"] = hf_llm.from_pretrained(
         config.llm.path, dtype=config.dtype, param_dtype=frozen_dtype(config), mesh=mesh,
         rules=sharding.rules(config))
   variables = encoders.load_pretrained(config.encoder)

@@ -29,7 +29,7 @@ from absl import app, flags
 from configs import common
 from vsrllm_jax.data.synthetic import synthetic_lips
 from vsrllm_jax.data.synthetic.spec import spec_from_config
-from vsrllm_jax.models.video_encoder import VideoEncoderConfig
+from vsrllm_jax.models.encoders.video_encoder import VideoEncoderConfig
 from vsrllm_jax.tools import pretrain_encoder, pretrain_llm
 
 EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

@@ -8,7 +8,7 @@ frames. Only TRAINING speakers are ever read for training or for batch-norm
 statistics; a held-out slice of train clips (seen speakers, unseen clips) and
 the validation and test splits (unseen speakers) are only evaluated, after
 training. The head is discarded; the encoder is saved with
-``encoder_io.save_encoder``. Deterministic for a seed (same machine).
+an encoder directory (``formats.encoder_dir``). Deterministic for a seed (same machine).
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ import optax
 from configs.common import get_base_config
 from vsrllm_jax.data import pipeline
 from vsrllm_jax.data.synthetic import visemes as visemes_lib
-from vsrllm_jax.models import encoder_io
-from vsrllm_jax.models.video_encoder import VideoEncoder, VideoEncoderConfig
+from vsrllm_jax.models import encoders
+from vsrllm_jax.models.encoders.video_encoder import VideoEncoder, VideoEncoderConfig
 
 NUM_CLASSES = len(visemes_lib.VISEMES)
 
@@ -248,7 +248,7 @@ def pretrain_encoder(data_cfg, encoder_cfg: VideoEncoderConfig, *, steps: int, b
   encoder_variables = jax.tree.map(np.asarray, {
       "params": final["params"]["encoder"], "batch_stats": final["batch_stats"]["encoder"]})
   if out_dir:
-    encoder_io.save_encoder(out_dir, encoder_cfg, encoder_variables)
+    encoders.KINDS.get("compact").save(out_dir, encoder_cfg, encoder_variables)
   results.update(
       steps=int(steps), seconds=time.time() - start_time, train_seconds=train_seconds,
       encoder_params=int(sum(x.size for x in jax.tree.leaves(encoder_variables["params"]))),

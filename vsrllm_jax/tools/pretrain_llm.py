@@ -39,7 +39,8 @@ import optax
 from vsrllm_jax.data.synthetic import grid_grammar
 from vsrllm_jax.data import tokenizer as tokenizer_lib
 from vsrllm_jax.inference import generation
-from vsrllm_jax.models import hf_checkpoint, llm
+from vsrllm_jax.formats import hf_llm
+from vsrllm_jax.models import llm
 from vsrllm_jax.tools.llm_pretraining_data import (DEFAULT_MAX_LEN, MIN_MAX_LEN, SLOT_OF,
                                                    eval_sentences, instruction_ids,
                                                    make_example, pad_examples,
@@ -242,7 +243,7 @@ def pretrain_llm(*, out_dir, llm_shape: dict | None = None, steps: int = 400,
 
   metrics = _evaluate(model, params, tokenizer, eval_sentences(eval_size, seed), seed, max_len)
   out_dir.mkdir(parents=True, exist_ok=True)
-  hf_checkpoint.save_pretrained(out_dir, config, params)
+  hf_llm.save_pretrained(out_dir, config, params)
   tokenizer.save_pretrained(str(out_dir))
   _write_hf_metadata(out_dir, tokenizer)
   metrics.update({

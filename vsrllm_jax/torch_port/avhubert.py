@@ -4,7 +4,7 @@ The PyTorch twin of ``vsrllm_jax.models.avhubert.AvHubertEncoder``: the same
 computation (``AVHubertModel.extract_finetune``, video only, eval mode) built
 module for module as facebookresearch/av_hubert and fairseq's wav2vec2
 ``TransformerEncoder`` build it, so that ``state_dict()`` has exactly the keys
-``fairseq_checkpoint.save_avhubert`` writes (video encoder only, plus each
+``fairseq_avhubert.save`` writes (video encoder only, plus each
 batch norm's ``num_batches_tracked``) and ``load_state_dict(..., strict=True)``
 takes such a file's ``'model'``. A full pretrained or fine-tuned checkpoint
 goes through ``encoder_state_dict`` first (prefix and unused heads dropped).

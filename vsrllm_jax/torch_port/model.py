@@ -9,7 +9,6 @@ Torch and transformers only; no JAX.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, Sequence
@@ -19,63 +18,8 @@ import transformers
 from safetensors.torch import load_file
 from torch import nn
 
-from vsrllm_jax.torch_port import avhubert, projectors, video_encoder
-
-CONFIG_FILE = "vsrllm_config.json"
-
-
-class HfVisionTower(nn.Module):
-  """A transformers CLIP / SigLIP vision model run as our ``ImageEncoder``.
-
-  One-frame RGB clips uint8 [B, 1, S, S, 3] (or float in [0, 1]) -> (features
-  [B, N, D], mask [B, N]): pixels normalised with the export's mean/std,
-  ``hidden_states[feature_layer]``, then the post-layernorm and the class-token
-  drop if the export's config asks for them (``models/vision_tower.py``).
-  """
-
-  def __init__(self, tower: nn.Module, config: dict[str, Any]):
-    super().__init__()
-    missing = [k for k in ("image_size", "feature_layer", "drop_cls", "post_layernorm",
-                           "image_mean", "image_std") if config.get(k) is None]
-    if missing:
-      raise ValueError(f"HfVisionTower: the encoder config lacks {missing}; expected the fields "
-                       "of vsrllm_jax.models.vision_tower.VisionTowerConfig")
-    self.tower = tower
-    self.image_size, self.feature_layer = int(config["image_size"]), int(config["feature_layer"])
-    self.drop_cls, self.post_layernorm = bool(config["drop_cls"]), bool(config["post_layernorm"])
-    self.register_buffer("mean", torch.tensor(config["image_mean"], dtype=torch.float32),
-                         persistent=False)
-    self.register_buffer("std", torch.tensor(config["image_std"], dtype=torch.float32),
-                         persistent=False)
-
-  def forward(self, video: torch.Tensor, video_mask: torch.Tensor):
-    s = self.image_size
-    if video.ndim != 5 or tuple(video.shape[1:]) != (1, s, s, 3):
-      raise ValueError(f"HfVisionTower: video has shape {tuple(video.shape)}, expected "
-                       f"[B, 1, {s}, {s}, 3] (one-frame RGB clips at the tower's image_size)")
-    x = video[:, 0]
-    x = x.float() / 255.0 if not torch.is_floating_point(x) else x.float()
-    x = ((x - self.mean) / self.std).permute(0, 3, 1, 2)
-    x = x.to(next(self.tower.parameters()).dtype)
-    out = self.tower(pixel_values=x, output_hidden_states=True)
-    h = out.hidden_states[self.feature_layer]
-    if self.post_layernorm:   # on the model (CLIPVisionModel, transformers 5) or vision_model
-      h = getattr(self.tower, "vision_model", self.tower).post_layernorm(h)
-    if self.drop_cls:
-      h = h[:, 1:]
-    mask = video_mask[:, 0].bool()[:, None].expand(h.shape[:2])
-    return h, mask
-
-
-def _load_vision_tower(directory: str, config: dict[str, Any]) -> HfVisionTower:
-  """The exported tower through transformers' AutoModel, every weight accounted for."""
-  tower, info = transformers.AutoModel.from_pretrained(directory, dtype=torch.float32,
-                                                       output_loading_info=True)
-  bad = {k: sorted(v) for k, v in info.items() if v}
-  if bad:
-    raise ValueError(f"{directory}: transformers loaded the vision tower with {bad}")
-  return HfVisionTower(tower.eval(), config)
-
+from vsrllm_jax.formats import export_bundle
+from vsrllm_jax.torch_port import encoders, projectors
 
 class VsrLlm(nn.Module):
   """``generate(video, video_mask, task='')`` -> token ids [B, max_new_tokens] (pad after EOS).
@@ -99,28 +43,13 @@ class VsrLlm(nn.Module):
   @classmethod
   def from_export(cls, export_dir: str, *, llm_dir: str | None = None):
     """(model in eval mode, tokenizer, the export's vsrllm_config.json) from ``export_dir``."""
-    path = os.path.join(export_dir, CONFIG_FILE)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"{path} not found: expected a directory written by "
-                              "python -m vsrllm_jax.convert")
-    with open(path) as f:
-      meta = json.load(f)
-    llm_dir = llm_dir or meta["llm"].get("reference") or os.path.join(export_dir,
-                                                                      meta["llm"]["dir"])
+    meta = export_bundle.read(export_dir)
+    llm_dir = llm_dir or export_bundle.llm_dir(export_dir, meta)
     llm = transformers.AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(llm_dir)
     enc = meta["encoder"]
-    weights = os.path.join(export_dir, enc.get("file") or enc["dir"])
-    if enc["format"] == "hf_vision_tower":
-      encoder = _load_vision_tower(weights, enc["config"])
-    elif enc["format"] == "fairseq_avhubert":
-      encoder = avhubert.AvHubertEncoder.from_config(enc["config"])
-      state = torch.load(weights, map_location="cpu", weights_only=False)["model"]
-      encoder.load_state_dict(avhubert.encoder_state_dict(state), strict=True)
-    else:
-      encoder = video_encoder.VideoEncoder.from_config(
-          {k: v for k, v in enc["config"].items() if k != "format"})
-      encoder.load_state_dict(load_file(weights), strict=True)
+    encoder = encoders.load(export_bundle.torch_twin(meta),
+                            export_bundle.encoder_path(export_dir, meta), enc["config"])
     proj = meta["projector"]
     projector = projectors.build(proj["config"]["name"], proj["config"], proj["output_dim"],
                                  enc["feature_dim"])

@@ -6,7 +6,7 @@ bias; ``use_sliding_window`` with ``max_window_layers`` or ``layer_types``)
 and Gemma 1 (embeddings * sqrt(hidden), ``(1 + w)`` RMSNorm, GeGLU, own
 head_dim, tied head). Config fields that would change the math and are not
 implemented (Gemma 2/3, soft-capping, partial rotary, MLP bias, other rope
-types, ...) raise (``llm.config``). Checkpoint I/O lives in ``hf_checkpoint``. Layers
+types, ...) raise (``llm.config``). Checkpoint I/O lives in ``hf_llm``. Layers
 run under ``nn.scan`` (compile time flat in depth); per-layer windows come
 from a constant table indexed by the carried layer number. Pure: the KV cache
 is a pytree passed in and returned. Positions count real tokens only, so

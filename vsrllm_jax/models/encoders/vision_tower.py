@@ -4,7 +4,7 @@ The image-side counterpart of ``video_encoder.py``: ``VisionTower`` reads
 uint8 (or [0, 1] float) RGB images, normalises them with the checkpoint's
 pixel mean/std, and returns patch features ``[B, N, D]`` with a mask. The math
 follows transformers' ``CLIPVisionModel`` / ``SiglipVisionModel`` exactly
-(``vision_checkpoint.from_pretrained_vision`` loads their weights).
+(``hf_vision.from_pretrained_vision`` loads their weights).
 
 What "features" are: Hugging Face's ``hidden_states[feature_layer]`` (index 0
 is the embedding output, after CLIP's pre-layernorm; index L the last layer),

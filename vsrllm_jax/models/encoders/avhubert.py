@@ -14,24 +14,23 @@ give the features they were trained to give:
 
 Padded frames are zero before every time-mixing op (as fairseq's collater and
 encoder make them), and attention ignores them, so a clip's features do not
-depend on how much padding follows it. ``fairseq_key_map`` says where each
-fairseq state-dict tensor lives in this module's variables and how its layout
-changes; ``fairseq_checkpoint`` reads and writes the .pt files.
+depend on how much padding follows it. ``formats.fairseq_avhubert`` says where
+each fairseq state-dict tensor lives in this module's variables, and reads and
+writes the .pt files.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-import re
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vsrllm_jax.models import layers
-from vsrllm_jax.models.video_encoder import (PIXEL_MEAN, PIXEL_STD, BasicBlock, PReLU,
+from vsrllm_jax.models.encoders.video_encoder import (PIXEL_MEAN, PIXEL_STD, BasicBlock, PReLU,
                                              StemConv, _batch_norm)
 
 MODALITY_FUSE = ("concat", "add")
@@ -236,156 +235,6 @@ def init_variables(config: AvHubertConfig, rng=None, *, abstract: bool = False):
   if abstract:
     return jax.eval_shape(init, video, mask)
   return jax.jit(init)(jnp.zeros(video.shape, video.dtype), jnp.zeros(mask.shape, mask.dtype))
-
-
-class KeyRow(NamedTuple):
-  """One fairseq tensor: its key (no prefix), where it lives here, and its layout change."""
-  key: str
-  collection: str                 # 'params' | 'batch_stats'
-  path: tuple[str, ...]           # inside the collection ('layers' entries are stacked)
-  kind: str                       # see to_flax_layout
-  layer: int | None = None        # index on the scanned 'layers' axis
-
-
-# fairseq keys the video-only encoder does not use: pretraining heads, the audio
-# front end, batch-norm counters. Loading skips them; exporting keeps them.
-_UNUSED = re.compile(r"^(mask_emb|label_embs_concat|final_proj\.(weight|bias)|target_glu\..+|"
-                     r"feature_extractor_audio\.proj\.(weight|bias))$|\.num_batches_tracked$")
-
-
-def is_known_unused(key: str) -> bool:
-  return bool(_UNUSED.search(key))
-
-
-def fairseq_key_map(config: AvHubertConfig) -> list[KeyRow]:
-  """Every tensor of AVHubertModel's video path, in state-dict order."""
-  rows: list[KeyRow] = []
-
-  def add(key, path, kind="copy", collection="params", layer=None):
-    rows.append(KeyRow(key, collection, tuple(path), kind, layer))
-
-  def batch_norm(key, path):
-    add(f"{key}.weight", path + ("scale",))
-    add(f"{key}.bias", path + ("bias",))
-    add(f"{key}.running_mean", path + ("mean",), collection="batch_stats")
-    add(f"{key}.running_var", path + ("var",), collection="batch_stats")
-
-  res = "feature_extractor_video.resnet."
-  add(res + "frontend3D.0.weight", ("stem_conv", "kernel"), "conv3d")
-  batch_norm(res + "frontend3D.1", ("stem_bn",))
-  add(res + "frontend3D.2.weight", ("stem_act", "negative_slope"))
-  in_channels = config.stem_channels
-  for stage, (channels, blocks) in enumerate(zip(config.resnet_channels, config.resnet_blocks)):
-    for i in range(blocks):
-      key, block = f"{res}trunk.layer{stage + 1}.{i}.", f"stage{stage}_block{i}"
-      for j in (1, 2):
-        add(f"{key}conv{j}.weight", (block, f"conv{j}", "kernel"), "conv2d")
-        batch_norm(f"{key}bn{j}", (block, f"bn{j}"))
-        add(f"{key}relu{j}.weight", (block, f"act{j}", "negative_slope"))
-      if (stage > 0 and i == 0) or in_channels != channels:   # as BasicBlock decides
-        add(key + "downsample.0.weight", (block, "downsample", "kernel"), "conv2d")
-        batch_norm(key + "downsample.1", (block, "downsample_bn"))
-      in_channels = channels
-  add("feature_extractor_video.proj.weight", ("video_proj", "kernel"), "linear")
-  add("feature_extractor_video.proj.bias", ("video_proj", "bias"))
-  if config.fused_dim != config.hidden_dim:
-    add("post_extract_proj.weight", ("post_extract_proj", "kernel"), "linear")
-    add("post_extract_proj.bias", ("post_extract_proj", "bias"))
-  add("layer_norm.weight", ("feature_norm", "scale"))
-  add("layer_norm.bias", ("feature_norm", "bias"))
-  add("encoder.pos_conv.0.bias", ("pos_conv", "bias"))
-  add("encoder.pos_conv.0.weight_g", ("pos_conv", "weight_g"), "pos_g")
-  add("encoder.pos_conv.0.weight_v", ("pos_conv", "weight_v"), "pos_v")
-  for n in range(config.num_layers):
-    key, lay = f"encoder.layers.{n}.", ("layers",)
-    for fs, ours in (("k_proj", "key"), ("v_proj", "value"), ("q_proj", "query")):
-      add(f"{key}self_attn.{fs}.weight", lay + ("self_attn", ours, "kernel"), "heads", layer=n)
-      add(f"{key}self_attn.{fs}.bias", lay + ("self_attn", ours, "bias"), "heads_bias", layer=n)
-    add(key + "self_attn.out_proj.weight", lay + ("self_attn", "out", "kernel"), "out", layer=n)
-    add(key + "self_attn.out_proj.bias", lay + ("self_attn", "out", "bias"), layer=n)
-    for fs, ours, kind in (("self_attn_layer_norm", ("self_attn_layer_norm",), "copy"),
-                           ("fc1", ("mlp", "wi"), "linear"), ("fc2", ("mlp", "wo"), "linear"),
-                           ("final_layer_norm", ("final_layer_norm",), "copy")):
-      scale = "scale" if kind == "copy" else "kernel"
-      add(f"{key}{fs}.weight", lay + ours + (scale,), kind, layer=n)
-      add(f"{key}{fs}.bias", lay + ours + ("bias",), layer=n)
-  add("encoder.layer_norm.weight", ("encoder_norm", "scale"))
-  add("encoder.layer_norm.bias", ("encoder_norm", "bias"))
-  return rows
-
-
-def _layouts(config: AvHubertConfig) -> dict[str, tuple]:
-  """kind -> (fairseq tensor -> our layout, our layout -> fairseq tensor)."""
-  h, dh = config.num_heads, config.hidden_dim // config.num_heads
-  return {
-      "copy": (lambda w: w, lambda w: w),
-      "linear": (lambda w: w.T, lambda w: w.T),                   # [out, in] <-> [in, out]
-      # [O, I, h, w] <-> [h, w, I, O];  [O, I, t, h, w] <-> [t, h, w, I, O]
-      "conv2d": (lambda w: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1)),
-      "conv3d": (lambda w: w.transpose(2, 3, 4, 1, 0), lambda w: w.transpose(4, 3, 0, 1, 2)),
-      "pos_g": (lambda w: w.reshape(-1), lambda w: w.reshape(1, 1, -1)),   # [1, 1, K] <-> [K]
-      "pos_v": (lambda w: w.transpose(2, 1, 0),) * 2,             # [D, D/g, K] <-> [K, D/g, D]
-      "heads": (lambda w: w.T.reshape(-1, h, dh),                 # [H*Dh, D] <-> [D, H, Dh]
-                lambda w: w.reshape(w.shape[0], -1).T),
-      "heads_bias": (lambda w: w.reshape(h, dh), lambda w: w.reshape(-1)),
-      "out": (lambda w: w.T.reshape(h, dh, -1),                   # [D, H*Dh] <-> [H, Dh, D]
-              lambda w: w.reshape(-1, w.shape[-1]).T),
-  }
-
-
-def to_flax_layout(w, kind: str, config: AvHubertConfig):
-  """A fairseq (torch-layout) tensor -> our layout."""
-  return _layouts(config)[kind][0](w)
-
-
-def to_fairseq_layout(w, kind: str, config: AvHubertConfig):
-  """One of our tensors -> fairseq's (torch) layout."""
-  return _layouts(config)[kind][1](w)
-
-
-def _count(keys, pattern: str, start: int = 0) -> int:
-  """How many consecutive indices n >= start make ``pattern.format(n)`` a key."""
-  n = start
-  while pattern.format(n) in keys:
-    n += 1
-  return n - start
-
-
-def config_from_state_dict(tensors, source: str, *, num_heads: int | None = None,
-                           layer_norm_first: bool | None = None) -> AvHubertConfig:
-  """The shapes of an AVHubertModel state dict (keys without prefix).
-
-  Heads cannot be read from shapes: ``num_heads`` or hidden_dim // 64 (both
-  published sizes); ``layer_norm_first`` None keeps the config's default.
-  """
-  def shape(key):
-    if key not in tensors:
-      raise ValueError(f"{source}: key {key!r} is missing; the encoder's shape is read from it")
-    return tuple(tensors[key].shape)
-
-  res = "feature_extractor_video.resnet."
-  stem = shape(res + "frontend3D.0.weight")                   # [C, 1, kt, kh, kw]
-  stages = range(1, _count(tensors, res + "trunk.layer{}.0.conv1.weight", start=1) + 1)
-  dim = shape("feature_extractor_video.proj.weight")[0]
-  fused = shape("layer_norm.weight")[0]
-  pos_v = shape("encoder.pos_conv.0.weight_v")                # [D, D/groups, K]
-  num_layers = _count(tensors, "encoder.layers.{}.fc1.weight")
-  if not stages or not num_layers:
-    raise ValueError(f"{source}: found {len(stages)} ResNet stages and {num_layers} "
-                     "Transformer layers; expected keys like '...trunk.layer1.0.conv1.weight' "
-                     "and 'encoder.layers.0.fc1.weight'")
-  if fused not in (dim, 2 * dim):
-    raise ValueError(f"{source}: layer_norm.weight has {fused} entries; expected {2 * dim} "
-                     f"(modality_fuse='concat') or {dim} ('add') for encoder width {dim}")
-  extra = {} if layer_norm_first is None else {"layer_norm_first": bool(layer_norm_first)}
-  return AvHubertConfig(
-      stem_channels=stem[0], stem_kernel=stem[2:],
-      resnet_channels=[shape(f"{res}trunk.layer{s}.0.conv1.weight")[0] for s in stages],
-      resnet_blocks=[_count(tensors, f"{res}trunk.layer{s}.{{}}.conv1.weight") for s in stages],
-      hidden_dim=dim, num_layers=num_layers, num_heads=num_heads or max(dim // 64, 1),
-      mlp_dim=shape("encoder.layers.0.fc1.weight")[0], conv_pos=pos_v[2],
-      conv_pos_groups=dim // pos_v[1], modality_fuse="concat" if fused == 2 * dim else "add",
-      **extra)
 
 
 def params_count(config: AvHubertConfig) -> int:

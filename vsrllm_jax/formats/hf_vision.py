@@ -3,7 +3,7 @@
 Reads ``config.json`` (+ ``preprocessor_config.json`` when present) and
 ``model.safetensors`` (or the shards of ``model.safetensors.index.json``) of a
 ``CLIPVisionModel``, ``CLIPModel``, ``SiglipVisionModel`` or ``SiglipModel``
-directory, through the same reader as the LLM loader (``hf_checkpoint``):
+directory, through the same reader and key-map mechanism as the LLM (``tensor_map``):
 plain reads, one param at a time, and with a mesh each device's slice read
 and placed on its own. The vision tensors are found by their patch
 embedding: ``embeddings.patch_embedding.weight`` under whatever prefix the
@@ -32,12 +32,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
 
 from vsrllm_jax import sharding as sharding_lib
-from vsrllm_jax.models import hf_checkpoint
+from vsrllm_jax.formats import safetensors_io, tensor_map
+from vsrllm_jax.formats.hf_llm import default_param_dtype
+from vsrllm_jax.formats.tensor_map import CONV, FLATTEN, Rule, linear
 from vsrllm_jax.models.layers import dtype_from_name
-from vsrllm_jax.models.vision_tower import VisionTower, VisionTowerConfig
+from vsrllm_jax.models.encoders.vision_tower import VisionTower, VisionTowerConfig
 
 PATCH_KEY = "embeddings.patch_embedding.weight"
 _PREPROCESSOR = "preprocessor_config.json"
@@ -50,40 +51,36 @@ _SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_a
                  "image_size", "patch_size", "num_channels", "hidden_act", "layer_norm_eps")
 
 
-def _layer_rows() -> list[tuple[str, tuple[str, ...], str]]:
-  """(HF suffix under encoder.layers.{i}., our path under 'layers', conversion)."""
-  rows = []
+
+
+def key_map(config: VisionTowerConfig) -> list[Rule]:
+  """Our tower param paths <-> vision tensor names (without the file's prefix)."""
+  rules = [Rule(("embeddings", "patch_embedding", "kernel"), PATCH_KEY, CONV),
+           Rule(("embeddings", "patch_embedding", "bias"), "embeddings.patch_embedding.bias"),
+           Rule(("embeddings", "class_embedding"), "embeddings.class_embedding"),
+           Rule(("embeddings", "position_embedding"), "embeddings.position_embedding.weight"),
+           Rule(("pre_layernorm", "scale"), "pre_layrnorm.weight"),     # sic: HF's spelling
+           Rule(("pre_layernorm", "bias"), "pre_layrnorm.bias"),
+           Rule(("post_layernorm", "scale"), "post_layernorm.weight"),
+           Rule(("post_layernorm", "bias"), "post_layernorm.bias")]
+  layer = lambda ours, theirs, how=tensor_map.SAME: Rule(("layers",) + ours,
+                                                         f"encoder.layers.{{i}}.{theirs}", how)
   for norm in ("layer_norm1", "layer_norm2"):
-    rows += [(f"{norm}.weight", (norm, "scale"), "copy"), (f"{norm}.bias", (norm, "bias"), "copy")]
+    rules += [layer((norm, "scale"), f"{norm}.weight"), layer((norm, "bias"), f"{norm}.bias")]
   for hf, ours in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
-    rows += [(f"self_attn.{hf}.weight", ("self_attn", ours, "kernel"), "heads"),
-             (f"self_attn.{hf}.bias", ("self_attn", ours, "bias"), "heads_bias")]
-  rows += [("self_attn.out_proj.weight", ("self_attn", "out", "kernel"), "out"),
-           ("self_attn.out_proj.bias", ("self_attn", "out", "bias"), "copy")]
+    rules += [layer(("self_attn", ours, "kernel"), f"self_attn.{hf}.weight", linear(1)),
+              layer(("self_attn", ours, "bias"), f"self_attn.{hf}.bias", FLATTEN)]
+  rules += [layer(("self_attn", "out", "kernel"), "self_attn.out_proj.weight", linear(2)),
+            layer(("self_attn", "out", "bias"), "self_attn.out_proj.bias")]
   for fc in ("fc1", "fc2"):
-    rows += [(f"mlp.{fc}.weight", (fc, "kernel"), "linear"),
-             (f"mlp.{fc}.bias", (fc, "bias"), "copy")]
-  return rows
-
-
-_TOP_ROWS = [
-    (("embeddings", "patch_embedding", "kernel"), PATCH_KEY, "copy"),  # via the conv view
-    (("embeddings", "patch_embedding", "bias"), "embeddings.patch_embedding.bias", "copy"),
-    (("embeddings", "class_embedding"), "embeddings.class_embedding", "copy"),
-    (("embeddings", "position_embedding"), "embeddings.position_embedding.weight", "copy"),
-    (("pre_layernorm", "scale"), "pre_layrnorm.weight", "copy"),  # sic: HF's spelling
-    (("pre_layernorm", "bias"), "pre_layrnorm.bias", "copy"),
-    (("post_layernorm", "scale"), "post_layernorm.weight", "copy"),
-    (("post_layernorm", "bias"), "post_layernorm.bias", "copy"),
-]
+    rules += [layer((fc, "kernel"), f"mlp.{fc}.weight", linear()),
+              layer((fc, "bias"), f"mlp.{fc}.bias")]
+  del config
+  return rules
 
 
 class _VisionTensors:
-  """The vision tensors of a checkpoint, prefix stripped, behind ``hf_checkpoint``'s reader.
-
-  The patch convolution is presented in our layout ([p, p, C, D] from torch's
-  [D, C, p, p]); it is small, so it is read whole and transposed.
-  """
+  """The vision tensors of a checkpoint with its prefix stripped (the reader interface)."""
 
   def __init__(self, files, prefix: str):
     self._files, self.prefix = files, prefix
@@ -95,18 +92,14 @@ class _VisionTensors:
     n = len(self.prefix)
     return [k[n:] for k in self._files.names() if k.startswith(self.prefix)]
 
-  def shape(self, name):  # as stored
+  def shape(self, name):
     return tuple(self._files.shape(self.prefix + name))
 
   def dtype(self, name):
     return self._files.dtype(self.prefix + name)
 
   def rows(self, name, start, stop):
-    full = self.prefix + name
-    if name == PATCH_KEY:
-      w = self._files.rows(full, 0, self._files.shape(full)[0])
-      return np.ascontiguousarray(w.transpose(2, 3, 1, 0)[start:stop])
-    return self._files.rows(full, start, stop)
+    return self._files.rows(self.prefix + name, start, stop)
 
 
 def find_prefix(names, source: str) -> str:
@@ -120,48 +113,10 @@ def find_prefix(names, source: str) -> str:
   return found[0]
 
 
-def _stored_shape(shape: tuple[int, ...], name: str, how: str) -> tuple[int, ...]:
-  """The checkpoint shape that one of our (per-layer) shapes needs."""
-  if name == PATCH_KEY:  # ours [p, p, C, D] <- torch [D, C, p, p]
-    return (shape[3], shape[2], shape[0], shape[1])
-  return hf_checkpoint.hf_shape(shape, how)
-
-
-def _plan(config: VisionTowerConfig, shapes, tensors: _VisionTensors, source: str):
-  """Every param with the tensors it is read from, checked against the checkpoint."""
-  Param = hf_checkpoint.ParamSpec
-  shapes = flax.traverse_util.flatten_dict(nn.meta.unbox(shapes))
-  plan = [Param(path, tuple(shapes[path].shape), (name,), how, False)
-          for path, name, how in _TOP_ROWS if path in shapes]
-  for suffix, path, how in _layer_rows():
-    path = ("layers",) + path
-    if path in shapes:
-      plan.append(Param(path, tuple(shapes[path].shape),
-                        tuple(f"encoder.layers.{i}.{suffix}" for i in range(config.layers_used)),
-                        how, True))
-  unmapped = sorted("/".join(p) for p in set(shapes) - {p.path for p in plan})
-  if unmapped:
-    raise ValueError(f"{source}: no checkpoint tensor maps to the params {unmapped} "
-                     "(extend vision_checkpoint._TOP_ROWS / _layer_rows)")
-  used, missing, wrong = set(), [], []
-  for p in plan:
-    want_shape = p.shape[1:] if p.stacked else p.shape
-    for name in p.names:
-      if name not in tensors:
-        missing.append(tensors.prefix + name)
-        continue
-      used.add(name)
-      want = _stored_shape(want_shape, name, p.how)
-      if tensors.shape(name) != want:
-        wrong.append(f"{tensors.prefix + name}: {tensors.shape(name)} != expected {want}")
-  unexpected = sorted(tensors.prefix + k for k in tensors.names()
-                      if k not in used and not _tolerated(k, config))
-  if missing or unexpected or wrong:
-    raise ValueError(
-        f"{source}: vision tensors do not match config.json: missing keys {missing[:10]}"
-        f"{'...' if len(missing) > 10 else ''}, unexpected keys {unexpected[:10]}"
-        f"{'...' if len(unexpected) > 10 else ''}, wrong shapes {wrong[:10]}")
-  return plan
+def _plan(config: VisionTowerConfig, tensors: _VisionTensors, source: str):
+  shapes = flax.traverse_util.flatten_dict(param_shapes(config))
+  return tensor_map.plan(key_map(config), shapes, tensors, source,
+                         tolerated=lambda name: _tolerated(name, config))
 
 
 def _tolerated(name: str, config: VisionTowerConfig) -> bool:
@@ -227,26 +182,22 @@ def from_pretrained_vision(path, dtype: str = "float32", param_dtype: str | None
   if not (path / "config.json").is_file():
     raise FileNotFoundError(f"{path / 'config.json'} not found: expected a Hugging Face "
                             "CLIP/SigLIP checkpoint directory")
-  files = hf_checkpoint.open_safetensors(path)
+  files = safetensors_io.open_dir(path)
   tensors = _VisionTensors(files, find_prefix(files.names(), str(path)))
   if param_dtype is None:
-    param_dtype = hf_checkpoint.default_param_dtype(str(tensors.dtype(PATCH_KEY)))
+    param_dtype = default_param_dtype(str(tensors.dtype(PATCH_KEY)))
   config = read_config(path, dtype=dtype, param_dtype=param_dtype, **overrides)
-  boxed = param_shapes(config, boxed=True)
-  plan = _plan(config, boxed, tensors, str(path))
-  pdt = dtype_from_name(config.param_dtype)
-  if mesh is None:
-    leaves = [p.read(tensors, (), pdt) for p in plan]
-  else:
+  specs = _plan(config, tensors, str(path))
+  shardings = None
+  if mesh is not None:
     shardings = flax.traverse_util.flatten_dict(
-        sharding_lib.logical_shardings(boxed, mesh, rules))
-    place = hf_checkpoint.place_param
-    leaves = [place(p, tensors, pdt, shardings[p.path]) for p in plan]
-  return config, hf_checkpoint.param_tree(plan, leaves)
+        sharding_lib.logical_shardings(param_shapes(config, boxed=True), mesh, rules))
+  return config, tensor_map.read_params(specs, tensors, dtype_from_name(config.param_dtype),
+                                        shardings)
 
 
 def to_hf_tensors(config: VisionTowerConfig, params) -> dict[str, np.ndarray]:
-  """Our tower params -> HF vision tensors (names without prefix); inverts ``_plan``'s reads."""
+  """Our tower params -> HF vision tensors (names without prefix)."""
   flat = flax.traverse_util.flatten_dict(jax.device_get(nn.meta.unbox(params)))
   want = flax.traverse_util.flatten_dict(param_shapes(config))
   wrong = sorted("/".join(k) for k in set(flat) ^ set(want))
@@ -255,17 +206,8 @@ def to_hf_tensors(config: VisionTowerConfig, params) -> dict[str, np.ndarray]:
   if wrong:
     raise ValueError(f"vision tower params do not match their config (kind={config.kind!r}, "
                      f"{config.layers_used} layers used): {wrong[:10]}")
-  out = {}
-  for path, name, _ in _TOP_ROWS:
-    if path in flat:
-      w = np.asarray(flat[path])
-      out[name] = w.transpose(3, 2, 0, 1) if name == PATCH_KEY else w  # [p,p,C,D] -> [D,C,p,p]
-  for suffix, path, how in _layer_rows():
-    path = ("layers",) + path
-    if path in flat:
-      for i in range(config.layers_used):
-        out[f"encoder.layers.{i}.{suffix}"] = hf_checkpoint.to_hf(np.asarray(flat[path][i]), how)
-  return {k: np.ascontiguousarray(v) for k, v in out.items()}
+  return tensor_map.to_theirs(flax.traverse_util.unflatten_dict(flat), key_map(config),
+                              strict=False)
 
 
 def _vision_config(hf: dict[str, Any], config: VisionTowerConfig, dtype, has_head: bool):
@@ -298,7 +240,7 @@ def save_vision_tower(path, config: VisionTowerConfig, params, source_dir) -> No
                             "Face directory it was loaded from")
   ours = to_hf_tensors(config, params)
   dtype = ours[PATCH_KEY].dtype
-  files = hf_checkpoint.open_safetensors(source)
+  files = safetensors_io.open_dir(source)
   src = _VisionTensors(files, find_prefix(files.names(), str(source)))
   wrong = [f"{k}: {v.shape} != {src.shape(k) if k in src else 'absent'}"
            for k, v in ours.items() if k not in src or src.shape(k) != v.shape]
@@ -309,7 +251,7 @@ def save_vision_tower(path, config: VisionTowerConfig, params, source_dir) -> No
   for name in src.names():
     if name not in ours and name != "embeddings.position_ids":   # a buffer, not a weight
       full = src.prefix + name
-      extras[name] = files.rows(full, 0, files.shape(full)[0]).astype(dtype)
+      extras[name] = files.read(full).astype(dtype)
   tensors = {**ours, **extras}
   missing = [f"encoder.layers.{i}" for i in range(config.num_hidden_layers)
              if f"encoder.layers.{i}.mlp.fc2.weight" not in tensors]
@@ -321,7 +263,7 @@ def save_vision_tower(path, config: VisionTowerConfig, params, source_dir) -> No
                       any(k.startswith("head.") for k in tensors))
   path.mkdir(parents=True, exist_ok=True)
   (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-  save_file({EXPORT_PREFIX + k: np.ascontiguousarray(tensors[k]) for k in sorted(tensors)},
-            str(path / "model.safetensors"), metadata={"format": "pt"})
+  safetensors_io.write(path / safetensors_io.SINGLE,
+                       {EXPORT_PREFIX + k: tensors[k] for k in sorted(tensors)})
   if (source / _PREPROCESSOR).is_file():
     shutil.copyfile(source / _PREPROCESSOR, path / _PREPROCESSOR)
