@@ -127,7 +127,7 @@ def get_base_config() -> ConfigDict:
   c.encoder = ConfigDict(dict(
       name="avhubert",
       # A pretrained encoder: a dir (config.json + model.safetensors) or a
-      # fairseq AV-HuBERT .pt (models/encoders.py); its shape
+      # fairseq AV-HuBERT .pt (models/encoders/); its shape
       # wins over the keys below. '' -> random init of the shape below.
       path=os.path.join(EMBEDDED_DIR, "encoder"),
       # A fairseq .pt path: None -> the checkpoint's cfg says (True if absent).

@@ -43,7 +43,7 @@ class HfVisionTower(nn.Module):
   One-frame RGB clips uint8 [B, 1, S, S, 3] (or float in [0, 1]) -> (features
   [B, N, D], mask [B, N]): pixels normalised with the export's mean/std,
   ``hidden_states[feature_layer]``, then the post-layernorm and the class-token
-  drop if the export's config asks for them (``models/vision_tower.py``).
+  drop if the export's config asks for them (``models/encoders/vision_tower.py``).
   """
 
   def __init__(self, tower: nn.Module, config: dict[str, Any]):

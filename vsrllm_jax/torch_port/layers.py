@@ -2,7 +2,7 @@
 
 Unlike flax, torch modules are built before they see an input, so every
 module takes its input widths as arguments. Parameter names and layouts are
-what ``vsrllm_jax.torch_layout`` writes: our Dense is an ``nn.Linear``
+what ``vsrllm_jax.formats.torch_layout`` writes: our Dense is an ``nn.Linear``
 (weight [prod(out), prod(in)]), norms have ``weight`` (and ``bias``).
 
 The compute dtype is the dtype of a module's parameters: cast a module with

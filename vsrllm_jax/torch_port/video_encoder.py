@@ -1,4 +1,4 @@
-"""Our compact AV-HuBERT-shaped encoder (``models/video_encoder.py``) in PyTorch.
+"""Our compact AV-HuBERT-shaped encoder (``models/encoders/video_encoder.py``) in PyTorch.
 
 The module tree mirrors the flax one (``stem_conv``, ``stem_bn``, ``stem_act``,
 ``stage{s}_block{i}`` with ``conv1/bn1/act1/conv2/bn2/downsample/
@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from vsrllm_jax.torch_port import layers, shapes
 
-# AV-HuBERT's grayscale normalisation (after /255): models/video_encoder.py's values.
+# AV-HuBERT's grayscale normalisation (after /255): models/encoders/video_encoder.py's values.
 PIXEL_MEAN = 0.421
 PIXEL_STD = 0.165
 
