@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from vsrllm_jax.models import layers
-from vsrllm_jax.models.projectors import blocks
+import vsrllm_jax.models.projectors.blocks as blocks
 from vsrllm_jax.models.projectors.registry import register
 from vsrllm_jax.models.projectors.query import QueryProjector, scan_blocks
 

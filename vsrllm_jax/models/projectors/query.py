@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from vsrllm_jax.models import layers
-from vsrllm_jax.models.projectors import blocks
+import vsrllm_jax.models.projectors.blocks as blocks
 from vsrllm_jax.models.projectors.registry import CATALOG, register
 from vsrllm_jax.models.projectors.base import Projector, ProjectorOutput
 

@@ -35,7 +35,8 @@ import jax.numpy as jnp
 
 from vsrllm_jax.models import layers
 from vsrllm_jax.models.contrastive import visual_text_info_nce
-from vsrllm_jax.models.projectors import attention_family, blocks
+import vsrllm_jax.models.projectors.attention_family as attention_family
+import vsrllm_jax.models.projectors.blocks as blocks
 from vsrllm_jax.models.projectors.registry import register
 from vsrllm_jax.models.projectors.adapters import PevlAdapterProjector
 from vsrllm_jax.models.projectors.base import ProjectorOutput
