@@ -18,19 +18,18 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 import jax  # noqa: E402
 
 from vsrllm_jax import sharding  # noqa: E402
+from vsrllm_jax.configs import packaged  # noqa: E402
 from vsrllm_jax.data.batch import random_batch, with_features  # noqa: E402
 from vsrllm_jax.models import build as build_lib  # noqa: E402
 from vsrllm_jax.models import encoders  # noqa: E402
 from vsrllm_jax.run import state as state_lib  # noqa: E402
 from vsrllm_jax.training import step as step_lib  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/conv_abstractor.py", "Config file.",
-                                          lock_config=True)
+_CONFIG = packaged.define_config_flag("config", "configs/conv_abstractor.py", "Config file.")
 _SHALLOW = flags.DEFINE_integer("shallow", 4, "LLM layers of the shallow model.")
 _DEEP = flags.DEFINE_integer("deep", 32, "LLM layers of the deep model.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Fresh compiles per depth.")

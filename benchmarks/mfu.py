@@ -42,7 +42,7 @@ INSTR, LABEL, FEATURE_DIM = 16, 32, 1024
 
 
 def make_config(a):
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax.configs import common  # pylint: disable=g-import-not-at-top
   c = common.get_base_config()
   c.batch_size = a.batch
   c.mesh.shape = tuple(a.mesh)

@@ -37,7 +37,7 @@ SHAPE_FLAGS = ("batch", "frames", "enc_dim", "instr_len", "label_len", "hidden",
 
 
 def _config(a):
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax.configs import common  # pylint: disable=g-import-not-at-top
   c = common.get_base_config()
   c.batch_size = a.batch
   c.mesh.shape = (-1, 1, 1)

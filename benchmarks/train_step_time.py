@@ -16,17 +16,16 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 import jax  # noqa: E402
 
 import machine_rates  # noqa: E402  (benchmarks/)
+from vsrllm_jax.configs import packaged  # noqa: E402
 from vsrllm_jax.data import batch as batch_lib  # noqa: E402
 from vsrllm_jax.models import build as build_lib  # noqa: E402
 from vsrllm_jax.models import encoders  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/conv_abstractor.py", "Config file.",
-                                          lock_config=True)
+_CONFIG = packaged.define_config_flag("config", "configs/conv_abstractor.py", "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 64, "LLM vocabulary when the config leaves it to "

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from configs import common
+from vsrllm_jax.configs import common
 from tests.helpers import tiny
 from vsrllm_jax.data import bucketing, pipeline
 from vsrllm_jax.data import tokenizer as tokenizer_lib

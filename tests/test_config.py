@@ -1,7 +1,7 @@
 """Config parsing: sweeps args, overrides, and errors that name the valid keys."""
 import pytest
 
-from configs import base, common, contrastive, conv_abstractor, linear, mlp, moe, qformer, text_aware
+from vsrllm_jax.configs import base, common, contrastive, conv_abstractor, linear, mlp, moe, qformer, text_aware
 from vsrllm_jax.models import projectors
 
 PRESETS = [contrastive, conv_abstractor, linear, mlp, moe, qformer, text_aware]

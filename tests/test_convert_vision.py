@@ -13,10 +13,10 @@ import pytest
 import torch
 import transformers
 
-from configs import common
+from vsrllm_jax.configs import common
 from tests.helpers.numerics import assert_close
 from tests.helpers.image_fixtures import perturbed, write_caption_folder
-from configs import image_caption
+from vsrllm_jax.configs import image_caption
 from vsrllm_jax.run import checkpoint, setup as setup_lib, state as state_lib
 from vsrllm_jax.run import open as open_lib
 from vsrllm_jax import convert, from_torch, sharding

@@ -174,7 +174,7 @@ def test_corrupt_records_are_skipped_and_counted(data_cfg, tok):
 
 def test_generate_and_read_without_tensorflow(tmp_path):
   code = f"""
-from configs.common import get_base_config
+from vsrllm_jax.configs.common import get_base_config
 from vsrllm_jax.data import pipeline, tokenizer
 cfg = get_base_config().data
 cfg.update(dict(image_size=16, max_frames=48, train_clips=8, validation_clips=4, test_clips=4,

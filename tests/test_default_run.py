@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 
-from configs import common
+from vsrllm_jax.configs import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Measured (seed 0, 2-core CPU): test WER 0.281 on 32 unseen-speaker clips.

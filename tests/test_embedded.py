@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from configs import common
+from vsrllm_jax.configs import common
 from tests.test_encoder_pretraining import SMALL
 from tests.test_llm_pretraining import check_transformers_parity
 from tests.helpers.tiny import small_data_config

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs.common import get_base_config
+from vsrllm_jax.configs.common import get_base_config
 from tests.helpers.numerics import assert_close
 from tests.helpers.tiny import small_data_config
 from vsrllm_jax.data.synthetic import synthetic_lips

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from configs.common import get_base_config
+from vsrllm_jax.configs.common import get_base_config
 from tests.helpers.numerics import assert_close
 from tests.helpers.hf_models import saved_llama
 from tests.helpers.tiny import random_batch, tiny_config

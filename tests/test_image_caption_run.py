@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import transformers
 
-from configs import common
+from vsrllm_jax.configs import common
 from tests.helpers.numerics import assert_close
 from tests.helpers.image_fixtures import write_caption_folder
-from configs import image_caption
+from vsrllm_jax.configs import image_caption
 import jax
 
 from vsrllm_jax import sharding

@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 
-from configs.common import get_base_config
+from vsrllm_jax.configs.common import get_base_config
 from tests.helpers.hf_models import saved_llama
 from tests.helpers.numerics import assert_close
 from vsrllm_jax.inference import generation

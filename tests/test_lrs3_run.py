@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from configs import common
-from configs import lrs3 as lrs3_config
+from vsrllm_jax.configs import common
+from vsrllm_jax.configs import lrs3 as lrs3_config
 from vsrllm_jax import transcribe
 from vsrllm_jax.training import loop
 from vsrllm_jax.data.synthetic import lrs3_layout

@@ -17,7 +17,7 @@ import sys
 import jax
 import pytest
 
-from configs import common
+from vsrllm_jax.configs import common
 from tests.helpers.tiny import tiny_config
 from vsrllm_jax import decode as decode_cmd
 from vsrllm_jax.data import feature_cache, sources

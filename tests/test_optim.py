@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
+from vsrllm_jax.configs import common
 from vsrllm_jax.training import optim
 
 PARAMS = {"encoder": {"w": jnp.ones((3, 3))}, "projector": {"a": {"kernel": jnp.ones((3, 2)),

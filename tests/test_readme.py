@@ -2,16 +2,20 @@
 that it defines, and config files that exist; and the README stays a user guide."""
 import importlib.util
 import os
+import pathlib
 import re
 import shlex
 
 import pytest
 
+from vsrllm_jax.configs import packaged
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")
-# absl (DEFINE_string("name", ...), config_flags.DEFINE_config_file("name", ...)) and
+# absl (DEFINE_string("name", ...), packaged.define_config_flag("name", ...)) and
 # argparse (add_argument("--name", ...)) flag definitions.
-_DEFINED = re.compile(r"""DEFINE_\w+\(\s*f?["'](\w+)["']|add_argument\(\s*f?["']--(\w+)["']""")
+_DEFINED = re.compile(r"""(?:DEFINE_\w+|define_config_flag)\(\s*f?["'](\w+)["']"""
+                      r"""|add_argument\(\s*f?["']--(\w+)["']""")
 _BOOL = re.compile(r"""DEFINE_bool\(\s*["'](\w+)["']""")
 
 
@@ -58,7 +62,9 @@ def check_command(words: list[str]) -> None:
     assert known, f"{' '.join(words[:2])}: unknown flag --{name} (defined: {sorted(defined)})"
     if name == "config":
       config_file = value.split(":", 1)[0]
-      assert os.path.isfile(os.path.join(REPO, config_file)), f"no config file {config_file}"
+      in_repo = os.path.isfile(os.path.join(REPO, config_file))
+      packaged_name = pathlib.PurePath(config_file).name.removesuffix(".py") in packaged.names()
+      assert in_repo or packaged_name, f"no config file {config_file}"
 
 
 def test_the_checker_catches_unknown_flags_and_modules():

@@ -16,7 +16,7 @@ import transformers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 from tokenizers import pre_tokenizers, processors, trainers
 
-from configs import common
+from vsrllm_jax.configs import common
 from vsrllm_jax.run import setup as setup_lib
 from vsrllm_jax.data.synthetic import grid_grammar
 from vsrllm_jax.data import examples

@@ -24,8 +24,8 @@ import logging
 
 import ml_collections
 from absl import app, flags
-from ml_collections import config_flags
 
+from vsrllm_jax.configs import packaged
 from vsrllm_jax.inference import evaluation, generation, scoring
 from vsrllm_jax.run import open as open_lib
 from vsrllm_jax.run import workdir as workdir_lib
@@ -37,8 +37,7 @@ def define_flags(flag_values=flags.FLAGS) -> None:
   flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True, **fv)
   flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split to decode.", **fv)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the best).", **fv)
-  config_flags.DEFINE_config_file("config", None, "Overrides the run's config.json.",
-                                  lock_config=True, **fv)
+  packaged.define_config_flag("config", None, "Overrides the run's config.json.", **fv)
   flags.DEFINE_enum("strategy", None, list(generation.STRATEGIES), "Overrides decode.strategy.",
                     **fv)
   flags.DEFINE_integer("beam_size", None, "Overrides decode.beam_size.", **fv)

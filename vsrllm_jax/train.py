@@ -16,8 +16,8 @@ import sys
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
+from vsrllm_jax.configs import packaged
 from vsrllm_jax.run import distributed, metrics
 from vsrllm_jax.training import loop
 
@@ -25,8 +25,7 @@ from vsrllm_jax.training import loop
 def define_flags(flag_values=flags.FLAGS) -> None:
   """The command's flags (defined only when run as a program: the module stays
   importable next to the other commands, which own --workdir and --config too)."""
-  config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True,
-                                  flag_values=flag_values)
+  packaged.define_config_flag("config", None, "Config file.", flag_values=flag_values)
   flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and config go.",
                       flag_values=flag_values)
   flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host; its "

@@ -36,7 +36,7 @@ def main(process_id: int, num_processes: int, port: int, workdir: str, out: str)
                                         "JAX_PROCESS_ID": str(process_id)})
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax.configs import common  # pylint: disable=g-import-not-at-top
   from tests.helpers.tiny import tiny_config  # pylint: disable=g-import-not-at-top
   from vsrllm_jax import sharding  # pylint: disable=g-import-not-at-top
   from vsrllm_jax.data import pipeline  # pylint: disable=g-import-not-at-top

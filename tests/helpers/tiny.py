@@ -1,7 +1,7 @@
 """Tiny configs and batches shared by the tests (shapes small enough for CPU)."""
 import numpy as np
 
-from configs import common
+from vsrllm_jax.configs import common
 
 
 def tiny_config(projector: str = "mlp", **projector_fields):

@@ -2,7 +2,7 @@ r"""A tiny end-to-end config for subprocess tests of the train command.
 
   python -m vsrllm_jax.train --config=tests/helpers/tiny_run_config.py --workdir=/tmp/x
 """
-from configs import common
+from vsrllm_jax.configs import common
 from tests.helpers.tiny import tiny_config
 
 

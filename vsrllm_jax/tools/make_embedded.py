@@ -26,7 +26,7 @@ import time
 
 from absl import app, flags
 
-from configs import common
+from vsrllm_jax.configs import common
 from vsrllm_jax.data.synthetic import synthetic_lips
 from vsrllm_jax.data.synthetic.spec import spec_from_config
 from vsrllm_jax.models.encoders.video_encoder import VideoEncoderConfig

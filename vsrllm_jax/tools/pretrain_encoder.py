@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from configs.common import get_base_config
+from vsrllm_jax.configs.common import get_base_config
 from vsrllm_jax.data import pipeline
 from vsrllm_jax.data.synthetic import visemes as visemes_lib
 from vsrllm_jax.models import encoders

@@ -11,7 +11,7 @@ weights with ``--config.loss_weights.<name>=...``.
 """
 from __future__ import annotations
 
-from configs import common
+from vsrllm_jax.configs import common
 
 # Default weight of each auxiliary loss when its projector produces it.
 AUX_LOSS_WEIGHTS = dict(contrastive=0.1, visual_text=0.1, reconstruction=0.1, routing=0.01)

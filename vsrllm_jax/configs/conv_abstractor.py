@@ -3,7 +3,7 @@ r"""Convolutional abstractor (Honeybee's C-Abstractor in time), LM loss only.
   python -m vsrllm_jax.train --config=configs/conv_abstractor.py --workdir=/tmp/vsr_conv
   python -m vsrllm_jax.train --config=configs/conv_abstractor.py:stride=1,seed=1 --workdir=...
 """
-from configs import common
+from vsrllm_jax.configs import common
 
 
 def get_config(arg=None):

@@ -3,7 +3,7 @@ r"""qformer preset (BLIP-2-style learned queries), LM loss plus feature reconstr
   python -m vsrllm_jax.train --config=configs/qformer.py --workdir=/tmp/vsr_qformer
   python -m vsrllm_jax.train --config=configs/qformer.py:num_queries=16,seed=1 --workdir=...
 """
-from configs import common
+from vsrllm_jax.configs import common
 
 
 def get_config(arg=None):

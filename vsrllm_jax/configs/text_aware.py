@@ -4,7 +4,7 @@ LM loss, multi-scale InfoNCE and visual-text InfoNCE (label text in the loss onl
   python -m vsrllm_jax.train --config=configs/text_aware.py --workdir=/tmp/vsr_text
   python -m vsrllm_jax.train --config=configs/text_aware.py:visual_text_weight=0.05 --workdir=...
 """
-from configs import common
+from vsrllm_jax.configs import common
 
 
 def get_config(arg=None):

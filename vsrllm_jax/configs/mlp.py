@@ -3,7 +3,7 @@ r"""MLP projector (LLaVA-1.5 style), LM loss only.
   python -m vsrllm_jax.train --config=configs/mlp.py --workdir=/tmp/vsr_mlp
   python -m vsrllm_jax.train --config=configs/mlp.py:depth=3,seed=1 --workdir=...
 """
-from configs import common
+from vsrllm_jax.configs import common
 
 
 def get_config(arg=None):

@@ -14,7 +14,7 @@ report WER per recognition task and BLEU per translation task.
 """
 from __future__ import annotations
 
-from configs import common
+from vsrllm_jax.configs import common
 
 
 def get_config(arg=None):

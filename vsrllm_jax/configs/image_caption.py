@@ -13,7 +13,7 @@ one-frame clips; ``data.max_frames`` is the tower's token count.
 """
 from __future__ import annotations
 
-from configs import common
+from vsrllm_jax.configs import common
 
 
 def get_config(arg=None):

@@ -4,7 +4,7 @@ r"""The multiscale_contrastive preset: LM loss plus multi-scale InfoNCE.
   python -m vsrllm_jax.train --config=configs/contrastive.py:seed=1 --workdir=... \
       --config.loss_weights.contrastive=0.05
 """
-from configs import common
+from vsrllm_jax.configs import common
 
 
 def get_config(arg=None):

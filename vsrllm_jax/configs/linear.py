@@ -2,7 +2,7 @@ r"""Linear projector (one Dense per frame), LM loss only.
 
   python -m vsrllm_jax.train --config=configs/linear.py --workdir=/tmp/vsr_linear
 """
-from configs import common
+from vsrllm_jax.configs import common
 
 
 def get_config(arg=None):

@@ -3,7 +3,7 @@ r"""hierarchical_moe preset: routed expert FFNs, LM loss plus the routing loss.
   python -m vsrllm_jax.train --config=configs/moe.py --workdir=/tmp/vsr_moe
   python -m vsrllm_jax.train --config=configs/moe.py:num_experts=8,top_k=1,seed=1 --workdir=...
 """
-from configs import common
+from vsrllm_jax.configs import common
 
 
 def get_config(arg=None):
