@@ -3,8 +3,8 @@ r"""Transcribes a split with a run's JAX checkpoint and with its PyTorch export;
   python -m vsrllm_jax.convert --workdir=RUN --output=EXPORT
   python -m vsrllm_jax.tools.compare_torch --workdir=RUN --export=EXPORT [--split=test]
 
-Greedy (or ``--strategy=beam``) on both sides, the run's decode settings otherwise. The JAX side is the
-decode command (best checkpoint); the PyTorch side is ``torch_port.VsrLlm``
+Greedy (or ``--strategy=beam``) on both sides, the run's decode settings otherwise. The JAX
+side is the decode command (best checkpoint); the PyTorch side is ``torch_port.VsrLlm``
 reading raw video through the exported encoder. Prints the fraction of
 identical transcripts and each side's WER/CER, and writes
 EXPORT/compare_<split>_<strategy>.jsonl with both hypotheses per clip.
@@ -27,8 +27,11 @@ from vsrllm_jax.run import workdir as workdir_lib
 def define_flags(flag_values=flags.FLAGS) -> None:
   """The tool's flags, defined only when run as a program (see train.define_flags)."""
   fv = dict(flag_values=flag_values)
-  flags.DEFINE_string("workdir", None, "The training run.", required=True, **fv)
-  flags.DEFINE_string("export", None, "Its export (vsrllm_jax.convert).", required=True, **fv)
+  flags.DEFINE_string("workdir", None, "The training run's workdir (the JAX side: its best "
+                      "checkpoint).", required=True, **fv)
+  flags.DEFINE_string("export", None, "Its export, written by vsrllm_jax.convert (the "
+                      "PyTorch side); compare_<split>_<strategy>.jsonl is written into it.",
+                      required=True, **fv)
   flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split to transcribe.",
                     **fv)
   flags.DEFINE_enum("strategy", "greedy", ["greedy", "beam"], "Decoding (beam: the run's "

@@ -47,12 +47,23 @@ THRESHOLDS = {
 DEFAULT_ENCODER_STEPS = 1200
 DEFAULT_LLM_STEPS = 400
 
-_OUT = flags.DEFINE_string("out_dir", EMBEDDED_DIR, "Where encoder/, llm/, quality.json go.")
-_ENCODER_STEPS = flags.DEFINE_integer("encoder_steps", DEFAULT_ENCODER_STEPS, "Encoder steps.")
-_LLM_STEPS = flags.DEFINE_integer("llm_steps", DEFAULT_LLM_STEPS, "LLM steps.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of both pretrainings.")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "Synthetic data dir ('' -> the default).")
-_CHECK = flags.DEFINE_bool("check_thresholds", True, "Fail if a quality threshold is missed.")
+
+
+def define_flags(flag_values=flags.FLAGS) -> None:
+  """The tool's flags, defined only when run as a program (see train.define_flags)."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("out_dir", EMBEDDED_DIR, "Where encoder/, llm/ and quality.json are "
+                      "written (replaced only when the build succeeds); default: the "
+                      "package's vsrllm_jax/embedded/.", **fv)
+  flags.DEFINE_integer("encoder_steps", DEFAULT_ENCODER_STEPS,
+                       "Training steps of the encoder pretraining (tools.pretrain_encoder).", **fv)
+  flags.DEFINE_integer("llm_steps", DEFAULT_LLM_STEPS,
+                       "Training steps of the LLM pretraining (tools.pretrain_llm).", **fv)
+  flags.DEFINE_integer("seed", 0, "Seed of both pretrainings.", **fv)
+  flags.DEFINE_string("data_dir", "", "Synthetic data directory ('' -> the default; built "
+                      "there when missing).", **fv)
+  flags.DEFINE_bool("check_thresholds", True, "Fail, keeping the old models, if a quality "
+                    "threshold (THRESHOLDS) is missed.", **fv)
 
 
 def build(out_dir: str, *, encoder_steps: int, llm_steps: int, seed: int = 0, data_dir: str = "",
@@ -112,11 +123,12 @@ def build(out_dir: str, *, encoder_steps: int, llm_steps: int, seed: int = 0, da
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  record = build(_OUT.value, encoder_steps=_ENCODER_STEPS.value, llm_steps=_LLM_STEPS.value,
-                 seed=_SEED.value, data_dir=_DATA_DIR.value,
-                 thresholds=THRESHOLDS if _CHECK.value else None)
+  f = flags.FLAGS
+  record = build(f.out_dir, encoder_steps=f.encoder_steps, llm_steps=f.llm_steps, seed=f.seed,
+                 data_dir=f.data_dir, thresholds=THRESHOLDS if f.check_thresholds else None)
   print(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -259,20 +259,28 @@ def pretrain_encoder(data_cfg, encoder_cfg: VideoEncoderConfig, *, steps: int, b
 FLAGS = flags.FLAGS
 
 
-def _define_flags():
-  """Flags of the command only: importing this module (make_embedded) defines none."""
-  flags.DEFINE_string("out_dir", None, "where the encoder checkpoint is written (optional)")
-  flags.DEFINE_integer("steps", 1200, "training steps")
-  flags.DEFINE_integer("batch_size", 8, "clips per step")
-  flags.DEFINE_float("learning_rate", 3e-3, "peak AdamW learning rate (warmup, then cosine)")
-  flags.DEFINE_integer("crop_frames", 32, "training window, frames (0: whole clips)")
-  flags.DEFINE_bool("augment", True, "random zoom/shift/contrast/brightness/noise per clip")
-  flags.DEFINE_integer("seed", 0, "init, data order and augmentation seed")
-  flags.DEFINE_string("data_dir", "", "synthetic data directory ('' -> the default)")
+def define_flags(flag_values=flags.FLAGS) -> None:
+  """The tool's flags, defined only when run as a program (see train.define_flags); importing
+  this module (make_embedded does) defines none."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("out_dir", None, "Where the encoder directory (config.json + "
+                      "model.safetensors) is written; unset: train and evaluate only.", **fv)
+  flags.DEFINE_integer("steps", 1200, "Training steps.", **fv)
+  flags.DEFINE_integer("batch_size", 8, "Clips per step.", **fv)
+  flags.DEFINE_float("learning_rate", 3e-3, "Peak AdamW learning rate (warmup, then cosine "
+                     "decay).", **fv)
+  flags.DEFINE_integer("crop_frames", 32, "Training window in frames (0: whole clips); "
+                       "evaluation always reads whole clips.", **fv)
+  flags.DEFINE_bool("augment", True, "Random zoom/shift/contrast/brightness/noise per "
+                    "training clip.", **fv)
+  flags.DEFINE_integer("seed", 0, "Seed of the init, the data order and the augmentation.",
+                       **fv)
+  flags.DEFINE_string("data_dir", "", "Synthetic data directory ('' -> the default).", **fv)
   flags.DEFINE_string("encoder_overrides", "",
                       "JSON object of VideoEncoderConfig fields replacing configs/common.py's, "
-                      """e.g. '{"hidden_dim": 128, "mlp_dim": 256}'""")
-  flags.DEFINE_integer("log_every", 100, "print training loss every N steps (0: never)")
+                      """e.g. '{"hidden_dim": 128, "mlp_dim": 256}'.""", **fv)
+  flags.DEFINE_integer("log_every", 100, "Print the training loss every N steps (0: never).",
+                       **fv)
 
 
 def main(argv):
@@ -296,5 +304,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
+  define_flags()
   app.run(main)

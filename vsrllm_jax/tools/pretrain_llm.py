@@ -30,6 +30,7 @@ import pathlib
 import tempfile
 import time
 
+from absl import app, flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -259,9 +260,36 @@ def pretrain_llm(*, out_dir, llm_shape: dict | None = None, steps: int = 400,
   return metrics
 
 
+def define_flags(flag_values=flags.FLAGS) -> None:
+  """The tool's flags, defined only when run as a program (see train.define_flags); importing
+  this module (make_embedded does) defines none."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("out_dir", None, "Where the Hugging Face checkpoint directory (weights, "
+                      "tokenizer, pretrain_metrics.json) is written.", required=True, **fv)
+  flags.DEFINE_integer("steps", 400, "Training steps.", **fv)
+  flags.DEFINE_integer("batch_size", 32, "Examples per step.", **fv)
+  flags.DEFINE_float("learning_rate", 3e-3, "Peak AdamW learning rate (warmup, then cosine "
+                     "decay).", **fv)
+  flags.DEFINE_integer("seed", 0, "Seed of the init, the training data and the evaluation.",
+                       **fv)
+  flags.DEFINE_integer("max_len", DEFAULT_MAX_LEN, "Tokens per example, padding included "
+                       f"(at least {MIN_MAX_LEN}).", **fv)
+  # The LLM's shape (DEFAULT_SHAPE), one flag per field.
+  flags.DEFINE_integer("hidden_dim", DEFAULT_SHAPE["hidden_dim"], "LLM width.", **fv)
+  flags.DEFINE_integer("num_layers", DEFAULT_SHAPE["num_layers"], "LLM decoder layers.", **fv)
+  flags.DEFINE_integer("num_heads", DEFAULT_SHAPE["num_heads"], "LLM attention (query) heads.",
+                       **fv)
+  flags.DEFINE_integer("num_kv_heads", DEFAULT_SHAPE["num_kv_heads"], "LLM key/value heads "
+                       "(grouped-query attention; divides --num_heads).", **fv)
+  flags.DEFINE_integer("head_dim", DEFAULT_SHAPE["head_dim"], "LLM width of one attention "
+                       "head.", **fv)
+  flags.DEFINE_integer("mlp_dim", DEFAULT_SHAPE["mlp_dim"], "LLM hidden width of the "
+                       "feed-forward (SwiGLU) block.", **fv)
+
+
 def main(argv):
-  del argv
-  from absl import flags
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
   f = flags.FLAGS
   shape = {k: getattr(f, k) for k in DEFAULT_SHAPE}
   metrics = pretrain_llm(out_dir=f.out_dir, llm_shape=shape, steps=f.steps,
@@ -271,14 +299,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  flags.DEFINE_string("out_dir", None, "where the HF checkpoint directory is written")
-  flags.DEFINE_integer("steps", 400, "training steps")
-  flags.DEFINE_integer("batch_size", 32, "examples per step")
-  flags.DEFINE_float("learning_rate", 3e-3, "peak AdamW learning rate (warmup + cosine)")
-  flags.DEFINE_integer("seed", 0, "init, data and evaluation seed")
-  flags.DEFINE_integer("max_len", DEFAULT_MAX_LEN, "tokens per example, padding included")
-  for key, value in DEFAULT_SHAPE.items():
-    flags.DEFINE_integer(key, value, f"LLM {key}")
-  flags.mark_flag_as_required("out_dir")
+  define_flags()
   app.run(main)

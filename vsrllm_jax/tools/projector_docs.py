@@ -1,7 +1,8 @@
 r"""Writes docs/projectors.md: every registry entry with its family, output
 tokens, parameter count, forward FLOPs and a one-line description.
 
-  python -m vsrllm_jax.tools.projector_docs            # -> docs/projectors.md
+  python -m vsrllm_jax.tools.projector_docs                    # -> docs/projectors.md
+  python -m vsrllm_jax.tools.projector_docs --out=/tmp/projectors.md
 
 The figures are measured at the default run's shape (encoder width 64, LLM
 width 128, 64 frames, batch 1, default fields): parameters from an abstract
@@ -14,8 +15,8 @@ are listed there); rerunning this tool keeps it.
 from __future__ import annotations
 
 import os
-import sys
 
+from absl import app, flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,13 @@ DESCRIPTIONS = {
                        "(Honeybee's C-Abstractor in time)",
     "temporal_pool_mlp": "masked temporal average pooling, then an MLP",
 }
+
+
+def define_flags(flag_values=flags.FLAGS) -> None:
+  """The tool's flags, defined only when run as a program (see train.define_flags)."""
+  flags.DEFINE_string("out", OUT, "The Markdown file written (its part below the "
+                      f"'{MARKER}' line is kept); default: the repository's "
+                      "docs/projectors.md.", flag_values=flag_values)
 
 
 def family(name: str) -> str:
@@ -141,8 +149,9 @@ def render(rows: list[tuple[str, dict]]) -> str:
 
 
 def main(argv: list[str]) -> None:
-  out = argv[1] if len(argv) > 1 else OUT
-  write(out, [(name, measure(name)) for name in projectors.names()])
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}: the output file is --out=FILE")
+  write(flags.FLAGS.out, [(name, measure(name)) for name in projectors.names()])
 
 
 def write(out: str, rows) -> None:
@@ -153,11 +162,12 @@ def write(out: str, rows) -> None:
       text = f.read()
     if MARKER in text:
       kept = text.split(MARKER, 1)[1]
-  os.makedirs(os.path.dirname(out), exist_ok=True)
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   with open(out, "w") as f:
     f.write(render(rows) + "\n" + MARKER + (kept or "\n"))
   print(f"wrote {out} ({len(rows)} projectors)")
 
 
 if __name__ == "__main__":
-  main(sys.argv)
+  define_flags()
+  app.run(main)
