@@ -26,8 +26,9 @@ def define_flags(flag_values=flags.FLAGS) -> None:
   """The command's flags (defined only when run as a program: the module stays
   importable next to the other commands, which own --workdir and --config too)."""
   packaged.define_config_flag("config", None, "Config file.", flag_values=flag_values)
+  flags.mark_flag_as_required("config", flag_values)
   flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and config go.",
-                      flag_values=flag_values)
+                      required=True, flag_values=flag_values)
   flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host; its "
                     "settings come from the environment).", flag_values=flag_values)
 
@@ -39,8 +40,6 @@ def main(argv):
   f = flags.FLAGS
   if f.distributed:
     distributed.initialize_distributed()
-  if f.workdir is None or f.config is None:
-    raise app.UsageError("--config and --workdir are required")
   t0 = time.time()
   result = loop.train_and_evaluate(f.config, f.workdir)
   logging.info("done in %.1f s: %s", time.time() - t0, result)

@@ -14,7 +14,7 @@ import ml_collections
 
 # The embedded default models, built by `python -m vsrllm_jax.tools.make_embedded`.
 EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "vsrllm_jax", "embedded")
+                            "embedded")
 
 ConfigDict = ml_collections.ConfigDict
 

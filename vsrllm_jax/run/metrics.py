@@ -1,9 +1,6 @@
-"""Metric output: clu writers (TensorBoard + log) and ``WORKDIR/metrics.jsonl``; the
-progress line; the profiler window over chosen train steps.
-
-This is the only module that imports TensorFlow (through clu's TensorBoard
-writer), and it hides every GPU from TF first. Where TF is not installed
-(accelerator machines), metrics still go to the log and to metrics.jsonl.
+"""Metric output: TensorBoard event files (tensorboardX, no TensorFlow), the log and
+``WORKDIR/metrics.jsonl``; train-step scalars averaged on device between reports;
+the progress line; the profiler window over chosen train steps.
 """
 from __future__ import annotations
 
@@ -13,8 +10,10 @@ import os
 import time
 from typing import Any, Mapping
 
+from clu import metrics as clu_metrics
 import jax
 import numpy as np
+import tensorboardX
 
 
 def _scalar(v: Any) -> float:
@@ -39,7 +38,7 @@ class JsonlWriter:
     pass
 
 
-class _LogWriter:
+class LogWriter:
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     logging.info("step %d: %s", step,
                  ", ".join(f"{k}={_scalar(v):.5g}" for k, v in sorted(scalars.items())))
@@ -51,16 +50,21 @@ class _LogWriter:
     pass
 
 
-def _clu_writer(logdir: str):
-  """clu's default writer (TensorBoard + logging), or None without TensorFlow."""
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    logging.info("TensorFlow is not installed: no TensorBoard summaries, log + jsonl only")
-    return None
-  tf.config.set_visible_devices([], "GPU")
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  return metric_writers.create_default_writer(logdir, asynchronous=False)
+class TensorBoardWriter:
+  """Scalars as TensorBoard event files under ``logdir`` (view: ``tensorboard --logdir``)."""
+
+  def __init__(self, logdir: str):
+    self._writer = tensorboardX.SummaryWriter(logdir)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    for name, value in scalars.items():
+      self._writer.add_scalar(name, _scalar(value), global_step=int(step))
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
 
 
 class MetricWriter:
@@ -71,9 +75,9 @@ class MetricWriter:
     if not is_main:
       return
     os.makedirs(workdir, exist_ok=True)
-    clu = _clu_writer(os.path.join(workdir, "tensorboard")) if tensorboard else None
-    self._writers = [clu if clu is not None else _LogWriter(),
-                     JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
+    self._writers = [LogWriter(), JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
+    if tensorboard:
+      self._writers.append(TensorBoardWriter(os.path.join(workdir, "tensorboard")))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     for w in self._writers:
@@ -86,6 +90,31 @@ class MetricWriter:
   def close(self) -> None:
     for w in self._writers:
       w.close()
+
+
+@jax.jit
+def _accumulate(totals, scalars):
+  new = {k: clu_metrics.Average.from_model_output(v) for k, v in scalars.items()}
+  return new if totals is None else {k: totals[k].merge(new[k]) for k in new}
+
+
+class StepAverages:
+  """Per-name means of the train step's scalars since the last report.
+
+  The running totals (``clu.metrics.Average``) stay on device, merged by one
+  jitted call per step; ``report`` is the only transfer to the host.
+  """
+
+  def __init__(self):
+    self._totals = None
+
+  def add(self, scalars: Mapping[str, jax.Array]) -> None:
+    self._totals = _accumulate(self._totals, dict(scalars))
+
+  def report(self) -> dict[str, float]:
+    """The means, and a fresh start."""
+    totals, self._totals = jax.device_get(self._totals), None
+    return {k: float(v.compute()) for k, v in (totals or {}).items()}
 
 
 class Progress:

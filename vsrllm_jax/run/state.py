@@ -12,6 +12,7 @@ import dataclasses
 import logging
 from typing import Any, Callable
 
+from clu import parameter_overview
 import flax
 import flax.linen as nn
 import jax
@@ -185,6 +186,9 @@ def place(tree, abstract, what: str):
 
 
 def _log_sizes(params, labels) -> None:
+  """The parameter table (clu: name, shape, dtype, size) and the trainable share."""
+  logging.info("parameters:\n%s",
+               parameter_overview.get_parameter_overview(params, include_stats=False))
   flat = flax.traverse_util.flatten_dict(params)
   total = sum(int(np.prod(v.shape)) for v in flat.values())
   train = sum(int(np.prod(v.shape)) for k, v in flat.items() if labels[k] is not optim.FROZEN)
