@@ -1,20 +1,11 @@
-# Shared by the launch scripts (sourced, not run): repo paths, the pinned jax
-# version, quoting for printed commands, DRY_RUN and errors.
+# Shared by the launch scripts (sourced, not run): the repository root, quoting
+# for printed commands, DRY_RUN and errors.
 
 VSR_REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 vsr_die() {
   echo "error: $*" >&2
   exit 2
-}
-
-# The jax version requirements.txt pins: accelerator installs must match it.
-vsr_jax_version() {
-  local req="$VSR_REPO_ROOT/requirements.txt" version
-  [[ -f $req ]] || vsr_die "$req not found (run the script from a checkout of the repository)"
-  version=$(sed -n 's/^jax==\([^[:space:]#]*\).*/\1/p' "$req")
-  [[ -n $version ]] || vsr_die "$req has no 'jax==<version>' line"
-  echo "$version"
 }
 
 # One shell word per argument, quoted only where needed (copy-pastable output).

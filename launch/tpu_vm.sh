@@ -14,7 +14,7 @@
 #                    v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e]   SPOT [0]
 #   NUM_HOSTS [from ACCELERATOR_TYPE]  DISTRIBUTED [auto: --distributed when NUM_HOSTS > 1]
 #   REPO_URL [''  = copy this checkout's files]  GIT_REF ['']  REMOTE_DIR [vsrllm_jax, in ~]
-#   PYTHON [python3.11]  TORCH_INDEX_URL [https://download.pytorch.org/whl/cpu; '' = PyPI]
+#   PYTHON [python3.11]
 #   CONFIG [configs/conv_abstractor.py]  WORKDIR [required for train]  VSRLLM_DATA_DIR
 #   DRY_RUN [0]: 1 (or --dry-run) prints the commands instead of running them.
 set -euo pipefail
@@ -42,7 +42,6 @@ REPO_URL=${REPO_URL:-}
 GIT_REF=${GIT_REF:-}
 REMOTE_DIR=${REMOTE_DIR:-vsrllm_jax}
 PYTHON=${PYTHON:-python3.11}
-TORCH_INDEX_URL=${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}
 CONFIG=${CONFIG:-configs/conv_abstractor.py}
 WORKDIR=${WORKDIR:-}
 DATA_DIR=${VSRLLM_DATA_DIR:-}
@@ -127,12 +126,11 @@ push_code() {
 
 cmd_setup() {
   no_extra_args "$@"
-  local jax_version py index=''
-  jax_version=$(vsr_jax_version)
+  local py
   py=$(vsr_quote "$PYTHON")
-  [[ -n $TORCH_INDEX_URL ]] && index=" --extra-index-url $(vsr_quote "$TORCH_INDEX_URL")"
   push_code
-  # requirements.txt first, then jax[tpu] of the same version: jax stays, libtpu joins it.
+  # The package with its "tpu" extra, requirements.txt as constraints: the light set (no torch,
+  # no TensorFlow) at the tested versions and jax[tpu] of the pinned jax version (adds libtpu).
   local versions='import importlib.metadata as m; print(*(m.version(p) for p in ("jax", "libtpu")))'
   local get_python="sudo apt-get update -qq && sudo apt-get install -y -qq $py $py-venv"
   remote "cd $(vsr_quote "$REMOTE_DIR")" \
@@ -140,8 +138,7 @@ cmd_setup() {
     "[ -x .venv/bin/python ] || $py -m venv .venv" \
     ". .venv/bin/activate" \
     "pip install -q -U pip" \
-    "pip install -q -r requirements.txt$index" \
-    "pip install -q 'jax[tpu]==$jax_version'" \
+    "pip install -q -e '.[tpu]' -c requirements.txt" \
     "python -c $(vsr_quote "$versions")"
 }
 

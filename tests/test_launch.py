@@ -15,7 +15,10 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import tomllib
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 import pytest
 
 from tests.test_default_run import readme_main_config
@@ -30,11 +33,6 @@ REDUCED = ["--config.data.train_clips=64", "--config.data.validation_clips=16",
            f"--config.data.test_clips={NOTEBOOK_TEST_CLIPS}", "--config.eval_every=30",
            "--config.checkpoint_every=30", "--config.log_every=10"]
 TRAIN = ["python", "-m", "vsrllm_jax.train"]
-
-
-def pinned_jax_version() -> str:
-  with open(os.path.join(REPO, "requirements.txt")) as f:
-    return re.search(r"^jax==(\S+)", f.read(), re.M).group(1)
 
 
 def _write_executable(path, text):
@@ -126,15 +124,26 @@ def test_tpu_create_and_train(tpu, accelerator, runtime, hosts):
   assert calls() == []          # a dry run never calls gcloud
 
 
-def test_tpu_setup_from_a_clone_installs_the_pinned_tpu_jax_last(tpu):
+def test_tpu_setup_from_a_clone_installs_the_tpu_extra_at_the_pins(tpu):
   run, calls = tpu
-  out = run("--dry-run", "setup", REPO_URL="https://example.com/vsr.git", GIT_REF="v1").stdout
+  out = run("--dry-run", "setup", REPO_URL="https://example.com/vsr.git", GIT_REF="v1",
+            TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu").stdout
   clone, install = [remote_command(argv) for argv in printed_gcloud(out)]
   assert "git clone -q https://example.com/vsr.git vsrllm_jax" in clone
   assert "git -C vsrllm_jax fetch -q origin v1 && git -C vsrllm_jax checkout -q FETCH_HEAD" in clone
-  requirements = install.index("pip install -q -r requirements.txt")
-  tpu_jax = install.index(f"pip install -q 'jax[tpu]=={pinned_jax_version()}'")
-  assert requirements < tpu_jax      # the TPU build of the same jax version is what stays
+  steps = install.split("; ")
+  pips = [shlex.split(step) for step in steps if step.startswith("pip ")]
+  # One step: the light set and jax[tpu], requirements.txt as constraints (jax at its pin).
+  assert pips == [["pip", "install", "-q", "-U", "pip"],
+                  ["pip", "install", "-q", "-e", ".[tpu]", "-c", "requirements.txt"]], steps
+  activate = steps.index(". .venv/bin/activate")
+  [extra] = [i for i, step in enumerate(steps) if ".[tpu]" in step]
+  assert activate < extra and steps[extra + 1].startswith("python -c "), steps  # then versions
+  assert "-r requirements.txt" not in install and "torch" not in install, install
+  assert "--extra-index-url" not in install and "jax[tpu]==" not in install, install
+  for name in ("tpu_vm.sh", "common.sh", "README.md"):   # no torch on TPU VMs: no torch index
+    with open(os.path.join(LAUNCH, name)) as f:
+      assert "TORCH_INDEX_URL" not in f.read(), name
   assert calls() == []
 
 
@@ -151,7 +160,7 @@ def test_tpu_setup_copies_this_checkout(tpu, tmp_path):
   assert all("--worker=all" in c and "--project=p1" in c for c in calls())
   with tarfile.open(tarball) as tar:
     names = set(tar.getnames())
-  assert {"requirements.txt", "vsrllm_jax/train.py", "launch/tpu_vm.sh",
+  assert {"pyproject.toml", "requirements.txt", "vsrllm_jax/train.py", "launch/tpu_vm.sh",
           "vsrllm_jax/embedded/llm/model.safetensors"} <= names
   assert not [n for n in names if n.startswith((".venv/", ".git/")) or "__pycache__" in n]
   unpack = remote_command(["gcloud"] + calls()[1])
@@ -330,8 +339,9 @@ def python_of(source: str) -> str:
 
 
 RUN_PRELUDE = '''\
-import importlib.metadata, os, shlex, subprocess, sys
+import importlib.metadata, os, re, shlex, subprocess, sys, tomllib
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 
 def _sh(cmd):
@@ -345,18 +355,73 @@ def _cd(path):
 
 
 def _pip(args):
-  # No network in tests: `install -r FILE` passes when this environment meets every pin of FILE.
-  words = shlex.split(args)
-  if words[0] != "install" or "-r" not in words:
-    raise AssertionError(f"%pip {args}: this test runs only 'install -r FILE'")
-  path = words[words.index("-r") + 1]
-  with open(path) as f:
+  # No network in tests: `install [-q] -e SPEC -c FILE` passes when this environment already
+  # holds what it would install: every requirement pyproject.toml declares for SPEC (the base
+  # dependencies plus SPEC's extras) at a version inside pyproject's range and, for the names
+  # FILE pins, at FILE's pin.
+  words, spec, constraints = shlex.split(args), None, None
+  if words[:1] != ["install"]:
+    raise AssertionError(f"%pip {args}: this test runs only 'install [-q] -e SPEC -c FILE'")
+  rest = iter(words[1:])
+  for word in rest:
+    if word == "-e":
+      spec = next(rest, None)
+    elif word == "-c":
+      constraints = next(rest, None)
+    elif word != "-q":
+      raise AssertionError(f"%pip {args}: unexpected {word!r}; this test runs only "
+                           "'install [-q] -e SPEC -c FILE'")
+  match = re.fullmatch(r"(.+?)(?:\[([\w,-]+)\])?", spec or "")
+  if not match or constraints is None:
+    raise AssertionError(f"%pip {args}: needs both -e SPEC and -c FILE")
+  pyproject = os.path.abspath(os.path.join(match.group(1), "pyproject.toml"))
+  with open(pyproject, "rb") as f:
+    project = tomllib.load(f)["project"]
+  with open(constraints) as f:
     pins = [Requirement(l.split("#", 1)[0].strip()) for l in f if l.split("#", 1)[0].strip()]
-  for req in pins:
-    have = importlib.metadata.version(req.name)
+  pins = {canonicalize_name(req.name): req for req in pins}
+  extras = set(filter(None, (match.group(2) or "").split(",")))
+  unknown = extras - set(project.get("optional-dependencies", {}))
+  if unknown:
+    raise AssertionError(f"%pip {args}: {pyproject} declares no extra {sorted(unknown)}")
+  declared = [Requirement(line) for line in project["dependencies"]]
+  todo = sorted(extras)
+  while todo:                        # extras, following the package's references to itself
+    extra = todo.pop()
+    for req in map(Requirement, project["optional-dependencies"][extra]):
+      if canonicalize_name(req.name) == canonicalize_name(project["name"]):
+        todo += sorted(req.extras - extras)
+        extras |= req.extras
+      else:
+        declared.append(req)
+  pinned = 0
+  for req in declared:
+    if req.marker is not None and not any(req.marker.evaluate({"extra": e})
+                                          for e in extras or {""}):
+      continue
+    try:
+      have = importlib.metadata.version(req.name)
+    except importlib.metadata.PackageNotFoundError:
+      raise AssertionError(f"%pip {args}: {req} is not installed here") from None
     if not req.specifier.contains(have, prereleases=True):
-      raise AssertionError(f"{path}: {req}, but {have} is installed")
-  print(f"%pip {args}: {len(pins)} pins of {os.path.abspath(path)} already met", flush=True)
+      raise AssertionError(f"{pyproject}: {req}, but {have} is installed")
+    for line in importlib.metadata.requires(req.name) or []:   # what its extras add (jax[tpu])
+      sub = Requirement(line)
+      if sub.marker is None or not any(sub.marker.evaluate({"extra": e}) for e in req.extras):
+        continue
+      try:
+        sub_have = importlib.metadata.version(sub.name)
+      except importlib.metadata.PackageNotFoundError:
+        raise AssertionError(f"%pip {args}: {req} needs {sub}, not installed here") from None
+      if not sub.specifier.contains(sub_have, prereleases=True):
+        raise AssertionError(f"%pip {args}: {req} needs {sub}, but {sub_have} is installed")
+    pin = pins.get(canonicalize_name(req.name))
+    if pin is not None:
+      pinned += 1
+      if not pin.specifier.contains(have, prereleases=True):
+        raise AssertionError(f"{constraints}: {pin}, but {have} is installed")
+  print(f"%pip {args}: {len(declared)} requirements of {pyproject} already met, {pinned} at "
+        f"the pins of {os.path.abspath(constraints)}", flush=True)
 '''
 
 
@@ -385,9 +450,18 @@ def test_notebook_layout():
   assert len({c["id"] for c in nb["cells"]}) == len(nb["cells"])
   order = [c["id"] for c in nb["cells"]]
   ids = {tag: cell_tagged(nb, tag)["id"] for tag in ("parameters", "clone", "tpu-runtime")}
-  # parameters, then the code and requirements.txt, then jax[tpu] of the same version
+  # parameters, then the code and the light install, then the tpu extra (jax[tpu] at the pin)
   assert order.index(ids["parameters"]) < order.index(ids["clone"]) < order.index(
       ids["tpu-runtime"])
+  pips = {tag: [shlex.split(line.split("%pip", 1)[1])
+                for line in "".join(cell_tagged(nb, tag)["source"]).splitlines()
+                if line.lstrip().startswith("%pip")]
+          for tag in ("clone", "tpu-runtime")}
+  assert pips == {"clone": [["install", "-q", "-e", ".", "-c", "requirements.txt"]],
+                  "tpu-runtime": [["install", "-q", "-e", ".[tpu]", "-c", "requirements.txt"]]}
+  installs = [line for c in nb["cells"] for line in "".join(c["source"]).splitlines()
+              if "pip install" in line and c["cell_type"] == "code"]
+  assert len(installs) == 2, installs
   params = {}
   exec("".join(cell_tagged(nb, "parameters")["source"]), params)  # pylint: disable=exec-used
   assert params["STEPS"] == 2000 and params["CONFIG"] == readme_main_config()
@@ -395,7 +469,7 @@ def test_notebook_layout():
   assert {"REPO_URL", "REPO_DIR", "DATA_DIR"} <= set(params)
 
 
-def test_notebook_tpu_cell_installs_the_pinned_jax_and_refuses_cpu(tmp_path):
+def test_notebook_tpu_cell_installs_the_tpu_extra_at_the_pins_and_refuses_cpu(tmp_path):
   nb = load_notebook()
   record = tmp_path / "calls.json"
   script = textwrap.dedent('''\
@@ -415,7 +489,7 @@ def test_notebook_tpu_cell_installs_the_pinned_jax_and_refuses_cpu(tmp_path):
   assert proc.returncode == 0, proc.stderr
   [pip], [check] = [[c for c in json.loads(record.read_text()) if c[0] == kind]
                     for kind in ("pip", "sh")]
-  assert shlex.split(pip[1]) == ["install", "-q", f"jax[tpu]=={pinned_jax_version()}"]
+  assert shlex.split(pip[1]) == ["install", "-q", "-e", ".[tpu]", "-c", "requirements.txt"]
   assert check[2] != 0 and "no TPU" in check[3], check   # on CPU the device check fails
 
 
@@ -436,7 +510,15 @@ def test_notebook_runs_on_cpu(tmp_path):
   out = proc.stdout
 
   assert "git clone" not in out and f"%cd {REPO}\n" in out      # the checkout was used as is
-  assert f"pins of {os.path.join(REPO, 'requirements.txt')} already met" in out
+  # The light install (base dependencies only), each at requirements.txt's pin.
+  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+    base = [Requirement(line) for line in tomllib.load(f)["project"]["dependencies"]]
+  with open(os.path.join(REPO, "requirements.txt")) as f:
+    pinned = {canonicalize_name(n) for n in re.findall(r"^([A-Za-z0-9_.-]+)==", f.read(), re.M)}
+  assert {canonicalize_name(req.name) for req in base} <= pinned   # the pins cover the light set
+  assert (f"%pip install -q -e . -c requirements.txt: {len(base)} requirements of "
+          f"{os.path.join(REPO, 'pyproject.toml')} already met, {len(base)} at the pins of "
+          f"{os.path.join(REPO, 'requirements.txt')}\n") in out
   with open(workdir / "metrics.jsonl") as f:
     rows = [json.loads(l) for l in f if l.strip()]
   final = [r for r in rows if "test/wer" in r][-1]
