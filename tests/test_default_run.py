@@ -5,6 +5,7 @@ pair reaches (a random LLM of the same shape scores about 1.0 at this budget).
 The full run and its 3-seed ablation are in the README, with their commands.
 """
 import json
+import math
 import os
 import re
 import subprocess
@@ -44,4 +45,7 @@ def test_readme_main_command_at_a_reduced_budget(tmp_path):
 
   final = [json.loads(l) for l in open(workdir / "metrics.jsonl") if '"test/wer"' in l][-1]
   assert final["test/wer"] <= MAX_REDUCED_WER, final
+  # The synthetic GRID set: slot accuracies, next to both WERs (ours and VSP-LLM's).
   assert {f"test/slot_accuracy/{s}" for s in ("command", "letter", "digit")} <= set(final)
+  assert all(0.0 <= v <= 1.0 for k, v in final.items() if "slot_accuracy" in k)
+  assert math.isfinite(final["test/wer_plain"]) and final["test/wer_plain"] >= 0, final

@@ -14,6 +14,8 @@ from vsrllm_jax.data.synthetic import lrs3_layout
 from vsrllm_jax.data import video_io
 from vsrllm_jax.models.encoders import avhubert
 from vsrllm_jax.formats import fairseq_avhubert
+from vsrllm_jax.inference import scoring
+from tests.helpers.numerics import assert_close
 
 TINY_AVHUBERT = avhubert.AvHubertConfig(
     stem_channels=4, resnet_channels=(4, 8, 8, 8), resnet_blocks=(1, 1, 1, 1), hidden_dim=16,
@@ -66,6 +68,18 @@ def test_train_reports_per_task_rates_and_bounded_compilations(run):
   # Clips of 35-60 frames in buckets (48, 64): at most two train-step shapes.
   assert 1 <= merged["train/batch_shapes"] <= 2
   assert merged["data/skipped_records"] == 0
+
+
+def test_lrs3_metrics_have_vsp_llm_wer_and_no_grid_slots(run):
+  workdir, _ = run
+  merged = {k: v for r in _records(workdir) for k, v in r.items()}
+  assert {"test/wer_plain", "val/wer_plain", "val/vsr/wer_plain",
+          "val/vst_es/wer_plain"} <= set(merged)
+  assert not [k for k in merged if "slot_accuracy" in k]   # GRID's slots mean nothing here
+  with open(os.path.join(workdir, "decode", "test.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert_close(merged["test/wer_plain"], scoring.plain_wer([r["reference"] for r in rows],
+                                                           [r["hypothesis"] for r in rows]))
 
 
 def test_transcribe_equals_decode_on_the_test_mp4s(run):

@@ -7,7 +7,8 @@ r"""Decodes a split with a trained run and scores it.
 Opens the run (``run.open``: its config.json, or ``--config`` in its place, and
 the weights of the best checkpoint by validation WER or of ``--step``), decodes with
 ``config.decode`` (greedy by default), writes ``WORKDIR/decode/<split>.jsonl``
-lines ``{"id", "reference", "hypothesis"}`` and prints WER and CER.
+lines ``{"id", "reference", "hypothesis"}`` and prints WER (ours and
+VSP-LLM's, ``wer_plain``), CER and the data set's own metrics.
 
 The decoding flags, when given, override the matching ``config.decode`` keys
 (any other key: ``--config.decode.<key>=...`` with ``--config``):
@@ -64,7 +65,8 @@ def with_decode_options(config, **options):
 
 def decode(workdir: str, split: str = "test", step: int | None = None, config=None,
            **decode_options) -> dict:
-  """Returns {'wer', 'cer', 'num_examples', 'step', 'slot_accuracy', 'path'}.
+  """Returns the split's rates (``summarize_rows``), its data set's own metrics
+  (``scoring.dataset_metrics``: ``slot_accuracy/{slot}`` on GRID), 'step' and 'path'.
 
   ``decode_options`` (e.g. strategy='beam', beam_size=8) override config.decode.
   """
@@ -72,8 +74,8 @@ def decode(workdir: str, split: str = "test", step: int | None = None, config=No
   run = open_lib.open_run(workdir, step=step, config=config)
   rows = run.decode(run.data().eval_batches(split))
   path = evaluation.write_decodes(workdir, split, rows)
-  return dict(scoring.summarize_rows(rows), step=run.step,
-              slot_accuracy=scoring.slot_accuracy(rows), path=path)
+  return dict(scoring.summarize_rows(rows), **scoring.dataset_metrics(config, rows),
+              step=run.step, path=path)
 
 
 def main(argv):

@@ -47,7 +47,7 @@ def decode_split(predict: Callable, params, model_state, batches: Iterable[dict]
 
 def evaluate(predict: Callable, params, model_state, batches: Iterable[dict], mesh, tokenizer,
              *, eos_id: int | Sequence[int]) -> tuple[dict[str, float], list[dict[str, Any]]]:
-  """(``{'wer', 'cer', 'bleu', 'num_examples'}``, per-example rows) for one split.
+  """(``{'wer', 'wer_plain', 'cer', 'bleu', 'num_examples'}``, per-example rows) for one split.
 
   ``eos_id`` may list several ids (``tokenizer.special_tokens(...).eos_ids``):
   each hypothesis ends at the first of any. Rows that carry a task (LRS3

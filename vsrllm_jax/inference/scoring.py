@@ -3,9 +3,11 @@
 WER and CER follow the LRS3 scoring conventions: hypotheses and references
 go through the same normaliser (``normalize_text``) and the rates are
 corpus-level, total edits over total reference words (characters), not a
-mean of per-sentence rates. BLEU follows sacreBLEU's (``bleu``) and is
-reported next to them for translation tasks; it is cheap, so ``summarize_rows``
-always adds it.
+mean of per-sentence rates. ``wer_plain`` is VSP-LLM's WER (no normaliser), so
+our figures can be read against theirs. BLEU follows sacreBLEU's (``bleu``) and
+is reported next to them for translation tasks; it is cheap, so
+``summarize_rows`` always adds it. Metrics that mean something on one data set
+only (GRID slot accuracy) come from ``dataset_metrics``.
 """
 from __future__ import annotations
 
@@ -50,20 +52,44 @@ def error_rates(references: list[str], hypotheses: list[str]) -> dict[str, float
   hypothesis as insertions. CER counts the spaces between words as characters
   (jiwer's convention). NaN for an empty corpus or one without reference text.
   """
-  if len(references) != len(hypotheses):
-    raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+  _check_lengths(references, hypotheses)
   refs = [normalize_text(r) for r in references]
   hyps = [normalize_text(h) for h in hypotheses]
-  rates = {}
-  for name, process, units in (("wer", jiwer.process_words, str.split),
-                               ("cer", jiwer.process_characters, list)):
-    length = sum(len(units(r)) for r in refs)
-    if not length:
-      rates[name] = float("nan")
-      continue
-    out = process(refs, hyps)
-    rates[name] = float(out.substitutions + out.deletions + out.insertions) / length
-  return rates
+  return {"wer": _corpus_rate(jiwer.process_words, refs, hyps, str.split),
+          "cer": _corpus_rate(jiwer.process_characters, refs, hyps, list)}
+
+
+def plain_wer(references: list[str], hypotheses: list[str]) -> float:
+  """Corpus WER as VSP-LLM computes it, to set our figures next to its published ones.
+
+  Reproduces ``src/vsp_llm_decode.py`` of github.com/Sally-SH/VSP-LLM (commit
+  91c4f3d, lines 227-233): ``hypo.strip().split()`` and ``ref.strip().split()``,
+  ``editdistance.eval`` of the two word lists (substitutions + deletions +
+  insertions, unit costs) summed over the set, over the summed number of
+  reference words. No lowercasing and no punctuation handling there (its
+  references, LRS3 ``.wrd`` lines, are lower case without punctuation), so
+  ``Hello,`` against ``hello`` is an error. Its references are the ``.wrd``
+  text after a tokenizer round trip, ours the text itself. A fraction here, not
+  its percent; NaN without reference words (where it divides by zero).
+  """
+  _check_lengths(references, hypotheses)
+  refs = [" ".join(r.split()) for r in references]   # jiwer splits on single spaces
+  hyps = [" ".join(h.split()) for h in hypotheses]
+  return _corpus_rate(jiwer.process_words, refs, hyps, str.split)
+
+
+def _corpus_rate(process, refs: list[str], hyps: list[str], units) -> float:
+  """Total edits (jiwer's minimal S + D + I) / total reference units; NaN for none."""
+  length = sum(len(units(r)) for r in refs)
+  if not length:
+    return float("nan")
+  out = process(refs, hyps)
+  return float(out.substitutions + out.deletions + out.insertions) / length
+
+
+def _check_lengths(references, hypotheses) -> None:
+  if len(references) != len(hypotheses):
+    raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
 
 
 def bleu(references: list[str], hypotheses: list[str], *, tokenize: str = BLEU_TOKENIZE) -> float:
@@ -75,8 +101,7 @@ def bleu(references: list[str], hypotheses: list[str], *, tokenize: str = BLEU_T
   """
   import sacrebleu  # pylint: disable=g-import-not-at-top
 
-  if len(references) != len(hypotheses):
-    raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+  _check_lengths(references, hypotheses)
   if not references:
     return float("nan")
   return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)],
@@ -97,9 +122,26 @@ def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
 def _rates(rows: list[dict[str, Any]]) -> dict[str, float]:
   refs, hyps = [r["reference"] for r in rows], [r["hypothesis"] for r in rows]
   rates = error_rates(refs, hyps)
+  rates["wer_plain"] = plain_wer(refs, hyps)
   rates["bleu"] = bleu(refs, hyps)
   rates["num_examples"] = len(rows)
   return rates
+
+
+# The data sets (config.data.name) whose sentences are GRID's fixed slots.
+GRID_DATA_SETS = ("synthetic_lips",)
+
+
+def dataset_metrics(config, rows: list[dict[str, Any]]) -> dict[str, float]:
+  """The metrics that mean something only on the run's data set, decided here once.
+
+  GRID slot accuracies (``slot_accuracy/{slot}``) for the synthetic GRID set
+  only: LRS3 (or LRS3-layout) sentences have no fixed slots. Decided by
+  ``config.data.name``, the data set's kind, never by the text.
+  """
+  if config.data.name in GRID_DATA_SETS:
+    return {f"slot_accuracy/{k}": v for k, v in slot_accuracy(rows).items()}
+  return {}
 
 
 def slot_accuracy(rows: list[dict[str, Any]], slot_names=None) -> dict[str, float]:

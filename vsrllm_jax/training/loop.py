@@ -98,8 +98,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     rates, _ = evaluation.evaluate(predict, state.params, state.model_state,
                                    data.eval_batches("validation", config.max_eval_batches),
                                    mesh, tok, eos_id=setup.eos_ids)
-    writer.write_scalars(step, {"val/wer": rates["wer"], "val/cer": rates["cer"],
-                                **_per_task("val", rates)})
+    writer.write_scalars(step, _rate_scalars("val", rates))
     if ckpts.save_best(step, state, rates["wer"]):
       logging.info("step %d: new best val/wer %.4f", step, rates["wer"])
 
@@ -164,19 +163,23 @@ def _test(setup, layout, ckpts, state, data, predict, writer, workdir) -> dict[s
     params, model_state = weights["params"], weights["model_state"]
   rates, rows = evaluation.evaluate(predict, params, model_state, data.eval_batches("test"),
                                     setup.mesh, setup.tokenizer, eos_id=setup.eos_ids)
-  slots = scoring.slot_accuracy(rows)
-  writer.write_scalars(config.total_steps, {"test/wer": rates["wer"], "test/cer": rates["cer"],
+  extra = scoring.dataset_metrics(config, rows)   # e.g. GRID slot accuracy
+  writer.write_scalars(config.total_steps, {**_rate_scalars("test", rates),
                                             "test/best_step": best_step or config.total_steps,
-                                            **_per_task("test", rates),
-                                            **{f"test/slot_accuracy/{k}": v
-                                               for k, v in slots.items()}})
+                                            **{f"test/{k}": v for k, v in extra.items()}})
   evaluation.write_decodes(workdir, "test", rows)
-  logging.info("test (best step %s): WER %.4f, CER %.4f over %d clips", best_step, rates["wer"],
-               rates["cer"], rates["num_examples"])
+  logging.info("test (best step %s): WER %.4f (VSP-LLM's %.4f), CER %.4f over %d clips",
+               best_step, rates["wer"], rates["wer_plain"], rates["cer"], rates["num_examples"])
   return {"test/wer": rates["wer"], "test/cer": rates["cer"]}
 
 
-def _per_task(prefix: str, rates: dict) -> dict[str, float]:
-  """``{prefix}/{task}/{rate}`` for the per-task rates of a multi-task split (LRS3 VSR/VST)."""
-  return {f"{prefix}/{k}": v for k, v in rates.items()
-          if "/" in k and k.rsplit("/", 1)[1] in ("wer", "cer", "bleu")}
+_RATES = ("wer", "wer_plain", "cer")   # written for every split (wer_plain: VSP-LLM's WER)
+
+
+def _rate_scalars(prefix: str, rates: dict) -> dict[str, float]:
+  """A split's written rates: ``{prefix}/wer`` (ours), ``/wer_plain`` (VSP-LLM's), ``/cer``,
+  and ``{prefix}/{task}/{rate}`` (also BLEU) of a multi-task split (LRS3 VSR/VST)."""
+  scalars = {f"{prefix}/{k}": rates[k] for k in _RATES}
+  scalars.update({f"{prefix}/{k}": v for k, v in rates.items()
+                  if "/" in k and k.rsplit("/", 1)[1] in _RATES + ("bleu",)})
+  return scalars
