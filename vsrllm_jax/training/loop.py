@@ -12,7 +12,6 @@ import os
 import signal
 
 import jax
-import numpy as np
 
 from vsrllm_jax import sharding
 from vsrllm_jax.data import examples
@@ -90,7 +89,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   writer = metrics.MetricWriter(workdir, is_main=jax.process_index() == 0)
   progress = metrics.Progress(config.total_steps, start)
   preemption = _Preemption()
-  pending = []  # on-device metrics since the last log step
+  averages = metrics.StepAverages()   # on device until a log step
   meter = throughput.Meter(mesh.size, throughput.peak_flops_per_device(
       mesh.devices.flat[0], config.get("peak_flops_per_device", 0.0)))
 
@@ -120,15 +119,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     else:
       meter.count(step_flops(global_inputs))
       state, step_metrics = step_fn(state, global_inputs)
-    pending.append(step_metrics)
+    averages.add(step_metrics)
     done = step + 1
     profile.after(step, step_metrics)
     if done % config.log_every == 0 or done == config.total_steps:
-      fetched = jax.device_get(pending)
-      summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+      summary = averages.report()
       summary.update(progress(done))
       summary.update(meter.report())
-      pending = []
       summary["data/skipped_records"] = examples.skipped_record_count()
       summary["train/batch_shapes"] = len(shapes)
       writer.write_scalars(done, summary)
