@@ -8,6 +8,7 @@ notebook runs end to end with only its TPU cell skipped, at a reduced budget.
 import json
 import math
 import os
+import pathlib
 import re
 import shlex
 import shutil
@@ -15,12 +16,11 @@ import subprocess
 import sys
 import tarfile
 import textwrap
-import tomllib
 
-from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 import pytest
 
+from tests.helpers import light_env
 from tests.test_default_run import readme_main_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -338,10 +338,10 @@ def python_of(source: str) -> str:
   return "\n".join(out)
 
 
-RUN_PRELUDE = '''\
-import importlib.metadata, os, re, shlex, subprocess, sys, tomllib
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
+RUN_PRELUDE = f'''\
+import os, pathlib, re, shlex, subprocess, sys
+sys.path.insert(0, {REPO!r})
+from tests.helpers import light_env
 
 
 def _sh(cmd):
@@ -356,72 +356,18 @@ def _cd(path):
 
 def _pip(args):
   # No network in tests: `install [-q] -e SPEC -c FILE` passes when this environment already
-  # holds what it would install: every requirement pyproject.toml declares for SPEC (the base
-  # dependencies plus SPEC's extras) at a version inside pyproject's range and, for the names
-  # FILE pins, at FILE's pin.
-  words, spec, constraints = shlex.split(args), None, None
-  if words[:1] != ["install"]:
-    raise AssertionError(f"%pip {args}: this test runs only 'install [-q] -e SPEC -c FILE'")
-  rest = iter(words[1:])
-  for word in rest:
-    if word == "-e":
-      spec = next(rest, None)
-    elif word == "-c":
-      constraints = next(rest, None)
-    elif word != "-q":
-      raise AssertionError(f"%pip {args}: unexpected {word!r}; this test runs only "
-                           "'install [-q] -e SPEC -c FILE'")
-  match = re.fullmatch(r"(.+?)(?:\[([\w,-]+)\])?", spec or "")
-  if not match or constraints is None:
-    raise AssertionError(f"%pip {args}: needs both -e SPEC and -c FILE")
-  pyproject = os.path.abspath(os.path.join(match.group(1), "pyproject.toml"))
-  with open(pyproject, "rb") as f:
-    project = tomllib.load(f)["project"]
-  with open(constraints) as f:
-    pins = [Requirement(l.split("#", 1)[0].strip()) for l in f if l.split("#", 1)[0].strip()]
-  pins = {canonicalize_name(req.name): req for req in pins}
-  extras = set(filter(None, (match.group(2) or "").split(",")))
-  unknown = extras - set(project.get("optional-dependencies", {}))
-  if unknown:
-    raise AssertionError(f"%pip {args}: {pyproject} declares no extra {sorted(unknown)}")
-  declared = [Requirement(line) for line in project["dependencies"]]
-  todo = sorted(extras)
-  while todo:                        # extras, following the package's references to itself
-    extra = todo.pop()
-    for req in map(Requirement, project["optional-dependencies"][extra]):
-      if canonicalize_name(req.name) == canonicalize_name(project["name"]):
-        todo += sorted(req.extras - extras)
-        extras |= req.extras
-      else:
-        declared.append(req)
-  pinned = 0
-  for req in declared:
-    if req.marker is not None and not any(req.marker.evaluate({"extra": e})
-                                          for e in extras or {""}):
-      continue
-    try:
-      have = importlib.metadata.version(req.name)
-    except importlib.metadata.PackageNotFoundError:
-      raise AssertionError(f"%pip {args}: {req} is not installed here") from None
-    if not req.specifier.contains(have, prereleases=True):
-      raise AssertionError(f"{pyproject}: {req}, but {have} is installed")
-    for line in importlib.metadata.requires(req.name) or []:   # what its extras add (jax[tpu])
-      sub = Requirement(line)
-      if sub.marker is None or not any(sub.marker.evaluate({"extra": e}) for e in req.extras):
-        continue
-      try:
-        sub_have = importlib.metadata.version(sub.name)
-      except importlib.metadata.PackageNotFoundError:
-        raise AssertionError(f"%pip {args}: {req} needs {sub}, not installed here") from None
-      if not sub.specifier.contains(sub_have, prereleases=True):
-        raise AssertionError(f"%pip {args}: {req} needs {sub}, but {sub_have} is installed")
-    pin = pins.get(canonicalize_name(req.name))
-    if pin is not None:
-      pinned += 1
-      if not pin.specifier.contains(have, prereleases=True):
-        raise AssertionError(f"{constraints}: {pin}, but {have} is installed")
-  print(f"%pip {args}: {len(declared)} requirements of {pyproject} already met, {pinned} at "
-        f"the pins of {os.path.abspath(constraints)}", flush=True)
+  # holds what it would install (the closure of pyproject's requirements for SPEC's extras,
+  # in their ranges), each name that FILE pins at its pin.
+  match = re.fullmatch(r"install (?:-q )?-e (.+?)(?:\\[([\\w,-]+)\\])? -c (\\S+)",
+                       " ".join(shlex.split(args)))
+  if not match:
+    raise AssertionError(f"%pip {{args}}: this test runs only 'install [-q] -e SPEC -c FILE'")
+  root, extras, constraints = match.groups()
+  dists = light_env.closure(light_env.declared(*filter(None, (extras or "").split(",")),
+                                               root=pathlib.Path(root)))
+  pinned = light_env.check_pins(dists, pathlib.Path(constraints))
+  print(f"%pip {{args}}: {{len(dists)}} distributions already here, {{pinned}} at the pins of "
+        f"{{os.path.abspath(constraints)}}", flush=True)
 '''
 
 
@@ -510,15 +456,14 @@ def test_notebook_runs_on_cpu(tmp_path):
   out = proc.stdout
 
   assert "git clone" not in out and f"%cd {REPO}\n" in out      # the checkout was used as is
-  # The light install (base dependencies only), each at requirements.txt's pin.
-  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
-    base = [Requirement(line) for line in tomllib.load(f)["project"]["dependencies"]]
+  # The light install (the closure of the base dependencies), at requirements.txt's pins.
+  light = light_env.closure(light_env.declared())
+  pinned = light_env.check_pins(light, pathlib.Path(REPO) / "requirements.txt")
   with open(os.path.join(REPO, "requirements.txt")) as f:
-    pinned = {canonicalize_name(n) for n in re.findall(r"^([A-Za-z0-9_.-]+)==", f.read(), re.M)}
-  assert {canonicalize_name(req.name) for req in base} <= pinned   # the pins cover the light set
-  assert (f"%pip install -q -e . -c requirements.txt: {len(base)} requirements of "
-          f"{os.path.join(REPO, 'pyproject.toml')} already met, {len(base)} at the pins of "
-          f"{os.path.join(REPO, 'requirements.txt')}\n") in out
+    pins = {canonicalize_name(n) for n in re.findall(r"^([A-Za-z0-9_.-]+)==", f.read(), re.M)}
+  assert {canonicalize_name(r.name) for r in light_env.declared()} <= pins   # pins cover it
+  assert (f"%pip install -q -e . -c requirements.txt: {len(light)} distributions already here, "
+          f"{pinned} at the pins of {os.path.join(REPO, 'requirements.txt')}\n") in out
   with open(workdir / "metrics.jsonl") as f:
     rows = [json.loads(l) for l in f if l.strip()]
   final = [r for r in rows if "test/wer" in r][-1]

@@ -22,12 +22,26 @@ from packaging.utils import canonicalize_name
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def declared(extra: str | None = None) -> list[Requirement]:
-  """The base dependencies, or one extra's, as pyproject.toml declares them."""
-  with open(REPO_ROOT / "pyproject.toml", "rb") as f:
+def declared(*extras: str, root: pathlib.Path = REPO_ROOT) -> list[Requirement]:
+  """What ``pip install root[extras]`` asks for, as pyproject.toml declares it: the base
+  dependencies plus each extra's (an extra naming the package itself is followed)."""
+  with open(pathlib.Path(root) / "pyproject.toml", "rb") as f:
     project = tomllib.load(f)["project"]
-  lines = project["dependencies"] if extra is None else project["optional-dependencies"][extra]
-  return [Requirement(line) for line in lines]
+  optional = project.get("optional-dependencies", {})
+  reqs, todo, seen = [Requirement(line) for line in project["dependencies"]], list(extras), set()
+  while todo:
+    extra = todo.pop()
+    if extra in seen:
+      continue
+    if extra not in optional:
+      raise AssertionError(f"{root}/pyproject.toml declares no extra {extra!r}")
+    seen.add(extra)
+    for req in map(Requirement, optional[extra]):
+      if canonicalize_name(req.name) == canonicalize_name(project["name"]):
+        todo += sorted(req.extras)
+      else:
+        reqs.append(req)
+  return reqs
 
 
 def _wanted(req: Requirement, extras: set[str]) -> bool:
@@ -39,8 +53,8 @@ def _wanted(req: Requirement, extras: set[str]) -> bool:
 def closure(requirements: list[Requirement]) -> dict[str, metadata.Distribution]:
   """Every installed distribution the requirements pull in, by canonical name.
 
-  Raises if one is not installed here: then the environment cannot stand in
-  for the install.
+  Raises if one is not installed here, or at a version outside a range that
+  asks for it: then this environment cannot stand in for the install.
   """
   found: dict[str, metadata.Distribution] = {}
   extras_of: dict[str, set[str]] = {}
@@ -57,10 +71,23 @@ def closure(requirements: list[Requirement]) -> dict[str, metadata.Distribution]
       dist = found.get(name) or metadata.distribution(name)
     except metadata.PackageNotFoundError as e:
       raise AssertionError(f"{req} is required but not installed in {sys.prefix}") from e
+    if not req.specifier.contains(dist.version, prereleases=True):
+      raise AssertionError(f"{req} is required but {dist.version} is installed in {sys.prefix}")
     found[name] = dist
     extras_of[name] = extras_of.get(name, set()) | set(req.extras)
     todo += [(Requirement(r), extras_of[name]) for r in dist.requires or ()]
   return found
+
+
+def check_pins(dists: dict[str, metadata.Distribution], constraints: pathlib.Path) -> int:
+  """Asserts every distribution that ``constraints`` (a requirements file of ``name==version``
+  lines) pins is at its pin; returns how many it pins."""
+  lines = (l.split("#", 1)[0].strip() for l in open(constraints))
+  pins = {canonicalize_name(r.name): r for r in map(Requirement, filter(None, lines))}
+  for name, dist in dists.items():
+    if name in pins and not pins[name].specifier.contains(dist.version, prereleases=True):
+      raise AssertionError(f"{constraints}: {pins[name]}, but {dist.version} is installed")
+  return sum(name in pins for name in dists)
 
 
 def _top_level_entries(dist: metadata.Distribution) -> set[pathlib.Path]:
