@@ -1,6 +1,6 @@
 r"""Transcribes mouth-cropped video files with a trained run.
 
-  python -m vsrllm_jax.transcribe --workdir=/tmp/vsr_run --videos=clip1.mp4 [--videos=clip2.mp4 ...]
+  python -m vsrllm_jax.transcribe --workdir=/tmp/vsr_run clip1.mp4 [clip2.mp4 ...]
       [--task=vsr|vst_es|vst_fr|vst_it|vst_pt] [--cluster_counts=FILE] [--step=N]
 
 Prints one line per video, ``path<TAB>transcript``. The clips go through the
@@ -35,14 +35,12 @@ def define_flags(flag_values=flags.FLAGS) -> None:
   """The command's flags, defined only when run as a program (see train.define_flags)."""
   fv = dict(flag_values=flag_values)
   flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True, **fv)
-  flags.DEFINE_multi_string("videos", None, "A mouth-cropped video file to transcribe; repeat "
-                            "the flag for more (--videos=a.mp4 --videos=b.mp4, in bash also "
-                            "--videos={a,b}.mp4). Printed in this order.", required=True, **fv)
   flags.DEFINE_enum("task", "vsr", sorted(tasks.TASKS),
                     "Task (instruction) when the run reads each clip's task.", **fv)
   flags.DEFINE_string("cluster_counts", None,
-                      "File with one line of cluster run lengths per video, in --videos' "
-                      "order (VSP-LLM's format); unset: each frame is its own run.", **fv)
+                      "File with one line of cluster run lengths per video, in the order of "
+                      "the video arguments (VSP-LLM's format); unset: each frame is its own "
+                      "run.", **fv)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the best by validation WER).",
                        **fv)
 
@@ -127,14 +125,14 @@ def transcribe(workdir: str, paths: list[str], *, task: str = "vsr",
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}: give the video files as "
-                         "--videos=clip1.mp4 --videos=clip2.mp4")
-  f = flags.FLAGS
-  paths = list(f.videos)
+  paths = argv[1:]   # the video files, after the flags (shell globs work: clips/*.mp4)
+  if not paths:
+    raise app.UsageError("give one or more video files: python -m vsrllm_jax.transcribe "
+                         "--workdir=DIR clip.mp4 [more.mp4]")
   for path in paths:
     if not os.path.isfile(path):
-      raise app.UsageError(f"--videos={path} is not a file")
+      raise app.UsageError(f"{path} is not a file")
+  f = flags.FLAGS
   texts = transcribe(f.workdir, paths, task=f.task, cluster_counts=f.cluster_counts,
                      step=f.step)
   for path, text in zip(paths, texts):
