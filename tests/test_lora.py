@@ -131,3 +131,167 @@ def test_peft_adapter_loads_onto_the_base_model(family, tmp_path):
   assert set(got) == set(want)
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg="/".join(k))
+
+
+# --- training-side behaviour (the llama_gqa shape, random init) ----------------------
+
+TINY = llm.LlmConfig(vocab_size=48, hidden_dim=32, num_layers=3, num_heads=4, num_kv_heads=2,
+                     head_dim=8, mlp_dim=48)
+
+
+def _tiny(targets=ALL, seed=1, **fields):
+  cfg = dataclasses.replace(TINY, **fields)
+  ids = jnp.zeros((1, 1), jnp.int32)
+  base = nn.meta.unbox(llm.LlamaModel(cfg).init(jax.random.key(0), ids)["params"])
+  return _with_lora(llm.LlamaModel(cfg), base, targets, seed)
+
+
+def _loss_and_grads(cfg, params, ids, mask, **kw):
+  def loss(p):
+    logits = llm.LlamaModel(cfg).apply({"params": p}, ids, attention_mask=mask, **kw)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * mask)
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_adapter_gradients_are_nonzero_and_the_same_under_remat_and_unrolling():
+  cfg, params = _tiny()
+  ids, mask = _batch()
+  ids = ids % TINY.vocab_size
+  value, grads = _loss_and_grads(cfg, params, ids, mask)
+  flat = flax.traverse_util.flatten_dict(grads)
+  adapters = {k: v for k, v in flat.items() if lora.is_adapter(k)}
+  assert len(adapters) == 2 * len(ALL)
+  for k, g in adapters.items():      # every layer of every target
+    assert np.all(np.abs(np.asarray(g)).reshape(g.shape[0], -1).max(axis=1) > 0), k
+  for fields in (dict(remat_policy="full"), dict(remat_policy="dots_with_no_batch_dims_saveable"),
+                 dict(scan_unroll=3)):
+    other = dataclasses.replace(cfg, **fields)
+    v2, g2 = _loss_and_grads(other, params, ids, mask)
+    assert_close(v2, value, rtol=1e-5, atol_frac=1e-6)
+    # Another fusion order: gradients agree to ~1e-5 of their largest element.
+    jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-4, atol_frac=5e-5), g2, grads)
+
+
+def test_a_fresh_adapter_changes_nothing_and_its_b_gets_a_gradient():
+  cfg = dataclasses.replace(TINY, lora=lora.LoraConfig())
+  ids, mask = _batch()
+  ids = ids % TINY.vocab_size
+  params = nn.meta.unbox(llm.LlamaModel(cfg).init(jax.random.key(0), ids[:1, :1])["params"])
+  base, adapters = lora.split_adapters(params)
+  flat = flax.traverse_util.flatten_dict(adapters)
+  assert all(not np.any(v) for k, v in flat.items() if k[-1] == "lora_b")
+  a = np.asarray(flat[("layers", "self_attn", "q_proj", "lora_a")])
+  bound = 1 / np.sqrt(TINY.hidden_dim)                   # peft: U(-1/sqrt(in), 1/sqrt(in))
+  assert a.shape == (3, 32, 16) and np.abs(a).max() <= bound and np.abs(a).max() > 0.8 * bound
+  np.testing.assert_array_equal(_logits(cfg, params, ids, mask), _logits(TINY, base, ids, mask))
+  _, grads = _loss_and_grads(cfg, params, ids, mask)
+  g = flax.traverse_util.flatten_dict(grads)
+  assert np.abs(np.asarray(g[("layers", "self_attn", "v_proj", "lora_b")])).max() > 0
+
+
+def test_disabled_lora_leaves_the_model_as_it_was():
+  from vsrllm_jax.configs import common  # pylint: disable=g-import-not-at-top
+  config = common.get_base_config()
+  assert not config.llm.lora.enabled and lora.from_config(config) is None
+  ids = jnp.zeros((1, 1), jnp.int32)
+  shapes = jax.eval_shape(lambda: llm.LlamaModel(TINY).init(jax.random.key(0), ids))
+  assert not [k for k in flax.traverse_util.flatten_dict(shapes["params"]) if lora.is_adapter(k)]
+
+
+def test_dropout_only_in_training_and_from_the_dropout_rng():
+  cfg, params = _tiny(targets=("q", "v"))
+  cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.5))
+  ids, mask = _batch()
+  ids = ids % TINY.vocab_size
+  evaluated = _logits(cfg, params, ids, mask)
+  np.testing.assert_array_equal(_logits(cfg, params, ids, mask, train=False), evaluated)
+  train = lambda seed: _logits(cfg, params, ids, mask, train=True,
+                               rngs={"dropout": jax.random.key(seed)})
+  assert np.abs(train(0) - evaluated).max() > 1e-3
+  np.testing.assert_array_equal(train(0), train(0))
+  assert np.abs(train(0) - train(1)).max() > 1e-3
+  no_dropout = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.0))
+  np.testing.assert_array_equal(_logits(no_dropout, params, ids, mask, train=True), evaluated)
+  with pytest.raises(Exception, match="dropout"):
+    _logits(cfg, params, ids, mask, train=True)          # no 'dropout' rng given
+
+
+def test_adapters_are_named_and_sharded_like_the_kernels_they_adapt():
+  cfg = dataclasses.replace(TINY, lora=lora.LoraConfig(targets=ALL, rank=4))
+  ids = jnp.zeros((1, 1), jnp.int32)
+  boxed = jax.eval_shape(lambda: llm.LlamaModel(cfg).init(jax.random.key(0), ids))["params"]
+  names = {k: v.names for k, v in flax.traverse_util.flatten_dict(boxed).items()}
+  for block, module in lora.TARGETS.values():
+    kernel = names[("layers", block, module, "kernel")]
+    n_in = 2 if module == "o_proj" else 1
+    assert names[("layers", block, module, "lora_a")] == kernel[:1 + n_in] + (None,)
+    assert names[("layers", block, module, "lora_b")] == ("layers", None) + kernel[1 + n_in:]
+  mesh = sharding.make_mesh((1, 4, 2), jax.devices()[:8])
+  specs = flax.traverse_util.flatten_dict(jax.tree.map(
+      lambda s: s.spec, sharding.logical_shardings(boxed, mesh, sharding.PRESETS["fsdp_tp"])))
+  P = jax.sharding.PartitionSpec
+  assert specs[("layers", "self_attn", "q_proj", "lora_a")] == P(None, "fsdp", None)
+  assert specs[("layers", "self_attn", "q_proj", "lora_b")] == P(None, None, "tensor", None)
+  assert specs[("layers", "self_attn", "o_proj", "lora_a")] == P(None, "tensor", None, None)
+  assert specs[("layers", "mlp", "down_proj", "lora_b")] == P(None, None, "fsdp")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("targets", ("q", "w"), r"config.llm.lora.targets=\('q', 'w'\)"),
+    ("targets", (), "config.llm.lora.targets"), ("rank", 0, "config.llm.lora.rank=0"),
+    ("dropout", 1.0, "config.llm.lora.dropout=1.0")])
+def test_bad_lora_configs_name_the_key(field, value, message):
+  with pytest.raises(ValueError, match=message):
+    lora.LoraConfig(**{field: value})
+
+
+def test_enabled_lora_with_frozen_adapters_is_an_error():
+  from vsrllm_jax.configs import common  # pylint: disable=g-import-not-at-top
+  config = common.get_base_config()
+  config.llm.lora.enabled = True
+  assert lora.from_config(config) == lora.LoraConfig(("q", "k", "v"), 16, 32.0, 0.05)
+  config.optim.param_groups = (("^projector/", "main"), (".*", None))
+  with pytest.raises(ValueError, match="config.optim.param_groups freezes the adapters"):
+    lora.from_config(config)
+
+
+# --- the composed model: what trains, what has optimizer state -------------------------
+
+
+def _layout(config):
+  from vsrllm_jax.models import build  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax.run import state as state_lib  # pylint: disable=g-import-not-at-top
+  model = build.build_model(config)
+  return state_lib.layout(model, config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+
+
+def _state_paths(tree) -> set[str]:
+  return {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_only_adapters_and_the_projector_have_optimizer_state():
+  from tests.helpers.tiny import tiny_config  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax.training import optim  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.llm.lora.enabled = True
+  config.llm.lora.targets = ("q", "v", "down")
+  lay = _layout(config)
+  trainable = sorted("/".join(k) for k, v in lay.labels.items() if v is not optim.FROZEN)
+  assert trainable and all(k.startswith("projector/") or k.endswith(("/lora_a", "/lora_b"))
+                           for k in trainable), trainable
+  assert sum(k.startswith("llm/") for k in trainable) == 6     # A and B of q, v, down
+  paths = _state_paths(lay.opt_state)
+  llm_paths = {p for p in paths if "'llm'" in p}
+  assert llm_paths and all(p.endswith(("['lora_a']", "['lora_b']")) for p in llm_paths)
+  assert not [p for p in paths if "'encoder'" in p or "'kernel']" in p and "'llm'" in p]
+  # mu and nu per trainable param (AdamW), nothing for the frozen LLM and encoder
+  n_trainable = len(trainable)
+  assert len([p for p in paths if "mu" in p]) == n_trainable
+
+  # Their own learning rate: a schedule name of their own.
+  config.optim.param_groups = (("^projector/", "main"), ("/lora_[ab]$", "lora"), (".*", None))
+  config.optim.schedules.lora = dict(config.optim.schedules.main.to_dict(), peak_lr=1e-4)
+  lay = _layout(config)
+  assert sorted(lay.schedules) == ["lora", "main"]
+  assert {v for k, v in lay.labels.items() if lora.is_adapter(k)} == {"lora"}
+  assert lay.schedules["lora"](1000) < lay.schedules["main"](1000)
