@@ -49,7 +49,7 @@ def _with_lora(model, params, targets=ALL, seed=1, **kw):
   """(config with LoRA on ``targets``, params with random adapters added)."""
   cfg = dataclasses.replace(model.config, lora=lora.LoraConfig(targets=targets, rank=4,
                                                                alpha=8.0, **kw))
-  params = lora.with_adapters(params, cfg, jax.random.key(0))
+  params = lora.with_adapters(params, llm.LlamaModel(cfg), jax.random.key(0))
   return cfg, _random_adapters(params, seed)
 
 
@@ -295,3 +295,35 @@ def test_only_adapters_and_the_projector_have_optimizer_state():
   assert sorted(lay.schedules) == ["lora", "main"]
   assert {v for k, v in lay.labels.items() if lora.is_adapter(k)} == {"lora"}
   assert lay.schedules["lora"](1000) < lay.schedules["main"](1000)
+
+
+def test_a_pretrained_llm_gains_fresh_adapters_in_their_shardings(tmp_path):
+  from tests.helpers.hf_models import saved_llama  # pylint: disable=g-import-not-at-top
+  from tests.helpers.tiny import tiny_config  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax.models import build  # pylint: disable=g-import-not-at-top
+  from vsrllm_jax.run import pretrained, state as state_lib  # pylint: disable=g-import-not-at-top
+  saved_llama(tmp_path, vocab_size=40, hidden_size=32, intermediate_size=64,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+  config = tiny_config()
+  config.llm.path = str(tmp_path)
+  config.llm.lora.enabled = True
+  model = build.build_model(config)
+  mesh = sharding.make_mesh((1, 2, 4), jax.devices()[:8])
+  lay = state_lib.layout(model, config, mesh)
+  params, model_state = pretrained.load(config, mesh)
+  state = state_lib.create(model, config, lay, pretrained_params=params,
+                           pretrained_model_state=model_state)
+  got = flax.traverse_util.flatten_dict(state.params["llm"])
+  want = flax.traverse_util.flatten_dict(lay.params["llm"])
+  _, base = hf_llm.from_pretrained(tmp_path)
+  for k, v in got.items():
+    assert v.sharding.is_equivalent_to(want[k].sharding, v.ndim) and v.dtype == want[k].dtype, k
+    if k[-1] == "lora_b":
+      assert not np.any(np.asarray(v)), k
+    elif k[-1] == "lora_a":
+      assert np.abs(np.asarray(v)).max() > 0, k
+    else:
+      np.testing.assert_array_equal(np.asarray(v), flax.traverse_util.flatten_dict(base)[k])
+  assert sum(lora.is_adapter(k) for k in got) == 6                  # q, k, v: A and B
+  assert got[("layers", "self_attn", "q_proj", "lora_a")].sharding.spec == \
+      jax.sharding.PartitionSpec(None, "fsdp", None)

@@ -161,14 +161,13 @@ def merge(lora: LoraConfig, params) -> dict:
   return flax.traverse_util.unflatten_dict(flat)
 
 
-def with_adapters(llm_params: Mapping[str, Any], llm_config, rng, *, mesh=None,
+def with_adapters(llm_params: Mapping[str, Any], model: nn.Module, rng, *, mesh=None,
                   rules=None) -> dict:
   """``llm_params`` (a base LLM: pretrained, or a merged export) plus freshly initialised
-  adapters (A random, B zero: the function is unchanged), placed by ``rules`` on ``mesh``
-  when given. Only the adapters are initialised (XLA drops the rest of the init)."""
+  adapters of ``model`` (the LlamaModel with LoRA; A random, B zero: the function is
+  unchanged), placed by ``rules`` on ``mesh`` when given. Only the adapters are
+  initialised (XLA drops the rest of the init)."""
   from vsrllm_jax import sharding  # pylint: disable=g-import-not-at-top
-  from vsrllm_jax.models.llm import LlamaModel  # pylint: disable=g-import-not-at-top
-  model = LlamaModel(llm_config)
   ids = jnp.zeros((1, 1), jnp.int32)
   only = lambda params: split_adapters(params)[1]
   boxed = jax.eval_shape(lambda r: model.init(r, ids)["params"], rng)

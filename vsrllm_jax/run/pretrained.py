@@ -10,6 +10,7 @@ import jax
 
 from vsrllm_jax import sharding
 from vsrllm_jax.models import build, encoders, lora
+from vsrllm_jax.models.llm import LlamaModel
 from vsrllm_jax.formats import hf_llm
 from vsrllm_jax.run.state import frozen_dtype
 
@@ -29,7 +30,7 @@ def load(config, mesh) -> tuple[dict, dict]:
         rules=sharding.rules(config))
     llm_config = build.llm_config(config)
     if llm_config.lora is not None:
-      params["llm"] = lora.with_adapters(params["llm"], llm_config,
+      params["llm"] = lora.with_adapters(params["llm"], LlamaModel(llm_config),
                                          jax.random.fold_in(jax.random.key(config.seed), 1),
                                          mesh=mesh, rules=sharding.rules(config))
   variables = encoders.load_pretrained(config.encoder)
