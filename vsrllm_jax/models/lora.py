@@ -74,7 +74,7 @@ def from_config(config) -> LoraConfig | None:
   lora = LoraConfig(targets=tuple(cfg.get("targets", ("q", "k", "v"))),
                     rank=cfg.get("rank", 16), alpha=cfg.get("alpha", 32.0),
                     dropout=cfg.get("dropout", 0.05))
-  probe = "llm/layers/self_attn/q_proj/lora_a"
+  probe = "llm/layers/{}/{}/lora_a".format(*lora.modules()[0])
   for pattern, label in config.optim.param_groups:
     if re.search(pattern, probe):
       if label is None:
