@@ -40,7 +40,9 @@ def test_readme_main_command_at_a_reduced_budget(tmp_path):
   assert config["encoder"]["path"] == os.path.join(common.EMBEDDED_DIR, "encoder")
   assert config["llm"]["path"] == os.path.join(common.EMBEDDED_DIR, "llm")
   assert config["data"]["cache_features"]
-  assert config["optim"]["param_groups"] == [["^(projector|ctc_head)/", "main"], [".*", None]]
+  assert config["optim"]["param_groups"] == [["^(projector|ctc_head)/", "main"],
+                                             ["/lora_[ab]$", "main"], [".*", None]]
+  assert not config["llm"]["lora"]["enabled"]
   assert len(os.listdir(data_dir / "feature_cache")) == 3     # features cached once per split
 
   final = [json.loads(l) for l in open(workdir / "metrics.jsonl") if '"test/wer"' in l][-1]

@@ -9,12 +9,16 @@ file that reads it, for the train command) and NEW/checkpoints/<step>/
 with the exported params at the exported step and a fresh optimizer state
 (an export carries none), so the train command resumes from it. Weights are
 read exactly: JAX -> PyTorch -> JAX gives back the original params bit for bit.
+LoRA: a PEFT-form export gives back its adapters exactly; a merged one gives
+the merged LLM with fresh adapters (B = 0: the same function, and LoRA training
+can go on).
 """
 from __future__ import annotations
 
 import json
 import os
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -22,9 +26,11 @@ from absl import app, flags
 
 from vsrllm_jax import sharding
 from vsrllm_jax.formats import export_bundle, hf_llm, safetensors_io
+from vsrllm_jax.formats import peft as peft_format
 from vsrllm_jax.formats import projector as projector_format
 from vsrllm_jax.models import build as build_lib
-from vsrllm_jax.models import encoders
+from vsrllm_jax.models import encoders, lora
+from vsrllm_jax.models.llm import LlamaModel
 from vsrllm_jax.run import checkpoint, state as state_lib
 from vsrllm_jax.run import workdir as workdir_lib
 
@@ -49,6 +55,18 @@ def define_flags(flag_values=flags.FLAGS) -> None:
                       required=True, **fv)
 
 
+def _with_lora(export: str, meta: dict, llm_config, llm_params, seed: int) -> dict:
+  """The LLM params with the export's adapters (PEFT form) or fresh ones (merged)."""
+  if llm_config.lora is None:
+    return llm_params
+  adapter_dir = export_bundle.lora_adapter_dir(export, meta)
+  if adapter_dir is None:
+    return lora.with_adapters(llm_params, LlamaModel(llm_config), jax.random.key(seed))
+  flat = flax.traverse_util.flatten_dict(dict(llm_params))
+  flat.update(flax.traverse_util.flatten_dict(peft_format.load(adapter_dir, llm_config)))
+  return flax.traverse_util.unflatten_dict(flat)
+
+
 def import_export(export: str, workdir: str) -> int:
   """Writes the run ``workdir`` from ``export``; returns the checkpoint's step."""
   meta = export_bundle.read(export)
@@ -67,6 +85,7 @@ def import_export(export: str, workdir: str) -> int:
   model = build_lib.build_model(config)
   _, llm_params = hf_llm.from_pretrained(config.llm.path, dtype=config.dtype,
                                          param_dtype=state_lib.frozen_dtype(config))
+  llm_params = _with_lora(export, meta, model.llm_config, llm_params, config.seed)
   projector = projector_format.from_state_dict(
       model, config, safetensors_io.read_all(os.path.join(export, meta["projector"]["file"])))
   params = {"llm": llm_params, "encoder": enc_vars["params"], **projector}

@@ -166,6 +166,12 @@ def get_base_config() -> ConfigDict:
       # Decoder layers per scan iteration: 1 = a loop (compile time flat in
       # depth); num_layers = no loop (faster steps on GPUs, longer compiles).
       scan_unroll=1,
+      # LoRA adapters on the LLM (models/lora.py): targets from q, k, v, o, gate,
+      # up, down; output += dropout(x) A B * alpha / rank. VSP-LLM: q, k, v, r=16,
+      # alpha=32, dropout=0.05. They train with the param group '/lora_[ab]$'
+      # (optim.param_groups; give it its own schedule name for its own rate).
+      lora=ConfigDict(dict(enabled=False, targets=("q", "k", "v"), rank=16, alpha=32.0,
+                           dropout=0.05)),
   ))
 
   c.dtype = "float32"            # compute dtype of the models ('bfloat16' on accelerators)
@@ -184,7 +190,7 @@ def get_base_config() -> ConfigDict:
   c.optim = ConfigDict(dict(
       # (regex over 'a/b/c' param paths, schedule name | None); first match
       # wins and every param must match. None = frozen (no optimizer state).
-      param_groups=(("^(projector|ctc_head)/", "main"), (".*", None)),
+      param_groups=(("^(projector|ctc_head)/", "main"), ("/lora_[ab]$", "main"), (".*", None)),
       schedules=ConfigDict(dict(main=ConfigDict(dict(
           kind="warmup_cosine",    # warmup_cosine | tri_stage
           peak_lr=3e-3,

@@ -8,6 +8,8 @@ manifest_dir=/data/lrs3/433h_data,encoder=/models/large_vox_iter5.pt,llm=/models
 the first run decodes every clip once, skips and counts bad ones (stopping past
 ``data.max_bad_fraction``) and stores mp4 bytes as array_record under
 ``data.data_dir``. Each clip gets its task's instruction (``data/tasks.py``).
+``lora=True``: VSP-LLM's LoRA on the LLM (q, k, v; r=16, alpha=32, dropout=0.05),
+trained with the projector.
 Frozen AV-HuBERT features are cached once per encoder and data; clips pad to
 length buckets, so the step compiles once per bucket. Validation and test
 report WER per recognition task and BLEU per translation task.
@@ -19,7 +21,7 @@ from vsrllm_jax.configs import common
 
 def get_config(arg=None):
   args = common.parse_arg(arg, manifest_dir="", encoder="", llm="", projector="linear",
-                          seed=0, steps=30000)
+                          seed=0, steps=30000, lora=False)
   c = common.get_base_config()
   c.seed = args.seed
   c.total_steps = args.steps
@@ -42,6 +44,7 @@ def get_config(arg=None):
   c.encoder.path = args.encoder       # fairseq AV-HuBERT .pt (Base or Large)
   c.llm.path = args.llm
   c.llm.tokenizer_path = args.llm
+  c.llm.lora.enabled = args.lora      # the rest of config.llm.lora is VSP-LLM's recipe
   c.projector = common.ConfigDict(dict(name=args.projector))
   c.decode.max_new_tokens = 96
   c.optim.schedules.main.kind = "tri_stage"

@@ -4,7 +4,11 @@ back and ``torch_port`` runs. No JAX here: the PyTorch side imports it.
   OUT/vsrllm_config.json   CONFIG_FILE: format_version, source, llm, encoder,
                            projector, tokenizer, instructions, decode, config
   OUT/llm/                 LLM_DIR: a Hugging Face directory (or, for a frozen
-                           pretrained LLM, OUT/llm_reference.json naming it)
+                           pretrained LLM, OUT/llm_reference.json naming it); a LoRA
+                           run's adapters merged into it (``llm.lora.form`` 'merged'),
+                           or it holds the base model and
+  OUT/llm_adapter/         LORA_ADAPTER_DIR: the adapters as a PEFT directory
+                           (``llm.lora.form`` 'peft', ``formats/peft.py``)
   OUT/projector.safetensors   PROJECTOR_FILE, in torch layout
   OUT/<encoder file or dir>   the encoder kind's own format; the config's
                            ``encoder`` entry names it ('file' or 'dir'), its
@@ -20,6 +24,8 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "vsrllm_config.json"
 LLM_DIR = "llm"
 LLM_REFERENCE_FILE = "llm_reference.json"
+LORA_ADAPTER_DIR = "llm_adapter"
+LORA_FORMS = ("merged", "peft")
 PROJECTOR_FILE = "projector.safetensors"
 # Exports written before the encoder registry name no twin: their format says which.
 TWIN_OF_FORMAT = {"fairseq_avhubert": "fairseq_avhubert", "torch_layout": "compact",
@@ -48,6 +54,14 @@ def write(export_dir: str, meta: dict[str, Any]) -> None:
 def llm_dir(export_dir: str, meta: dict[str, Any]) -> str:
   """The LLM's Hugging Face directory: the export's copy, or the original it references."""
   return meta["llm"].get("reference") or os.path.join(export_dir, meta["llm"]["dir"])
+
+
+def lora_adapter_dir(export_dir: str, meta: dict[str, Any]) -> str | None:
+  """The PEFT adapter directory to put on the LLM, or None (no LoRA, or merged)."""
+  lora = meta["llm"].get("lora") or {}
+  if lora.get("form") != "peft":
+    return None
+  return os.path.join(export_dir, lora["adapter_dir"])
 
 
 def encoder_path(export_dir: str, meta: dict[str, Any]) -> str:

@@ -4,13 +4,16 @@ LLM params.
 HF stores one tensor per layer with torch ``Linear`` layouts ([out, in]) and
 heads flattened; we keep layers stacked on a leading axis (``nn.scan``) and
 heads as their own axis: the key map below says which is which
-(``tensor_map``). Loading reads the safetensors files one param at a time and in
+(``tensor_map``). LoRA adapters are not part of this format: writing merges them
+into the kernels (``lora.merge``), reading gives the base model (``formats/peft.py``
+reads and writes adapters on their own). Loading reads the safetensors files one param at a time and in
 chunks of rows; given a mesh, each param is assembled shard by shard straight
 into its ``NamedSharding``, so neither a device nor the host ever holds the
 whole model, and the host holds at most one param's slices at a time.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 from typing import Mapping
@@ -24,6 +27,7 @@ import numpy as np
 from vsrllm_jax import sharding as sharding_lib
 from vsrllm_jax.formats import safetensors_io, tensor_map
 from vsrllm_jax.formats.tensor_map import SAME, FLATTEN, Rule, linear
+from vsrllm_jax.models import lora as lora_lib
 from vsrllm_jax.models.layers import dtype_from_name
 from vsrllm_jax.models.llm import LlamaModel, LlmConfig
 
@@ -67,8 +71,13 @@ def _tolerated(config: LlmConfig):
   return tolerated
 
 
+def base_config(config: LlmConfig) -> LlmConfig:
+  """The model this format stores: ``config`` without LoRA adapters."""
+  return dataclasses.replace(config, lora=None)
+
+
 def _plan(config: LlmConfig, reader, source: str) -> list[tensor_map.ParamSpec]:
-  shapes = flax.traverse_util.flatten_dict(param_shapes(config))
+  shapes = flax.traverse_util.flatten_dict(param_shapes(base_config(config)))
   return tensor_map.plan(key_map(config), shapes, reader, source, tolerated=_tolerated(config))
 
 
@@ -118,19 +127,24 @@ def from_pretrained(path, *, dtype: str = "float32", param_dtype: str | None = N
 
 def from_hf_state_dict(config: LlmConfig, tensors: Mapping[str, np.ndarray], *,
                        source: str = "state dict") -> dict:
-  """HF tensor names -> our nested params (numpy, param_dtype, layers stacked)."""
+  """HF tensor names -> our nested params (numpy, param_dtype, layers stacked; no
+  adapters)."""
   reader = safetensors_io.InMemory(tensors)
   return tensor_map.read_params(_plan(config, reader, source), reader,
                                 dtype_from_name(config.param_dtype))
 
 
 def to_hf_state_dict(config: LlmConfig, params) -> dict[str, np.ndarray]:
-  """Our params -> HF tensor names and layouts (numpy, contiguous)."""
-  return tensor_map.to_theirs(nn.meta.unbox(params), key_map(config))
+  """Our params -> HF tensor names and layouts (numpy, contiguous); with ``config.lora``,
+  of the merged model (kernels W + scale * A @ B)."""
+  params = nn.meta.unbox(params)
+  if config.lora is not None:
+    params = lora_lib.merge(config.lora, params)
+  return tensor_map.to_theirs(params, key_map(config))
 
 
 def save_pretrained(path, config: LlmConfig, params) -> None:
-  """Writes config.json + model.safetensors that transformers can load."""
+  """Writes config.json + model.safetensors that transformers can load (LoRA merged)."""
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
   (path / "config.json").write_text(json.dumps(config.to_hf_config(), indent=2) + "\n")

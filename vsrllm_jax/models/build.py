@@ -4,17 +4,18 @@ from __future__ import annotations
 import json
 import os
 
-from vsrllm_jax.models import encoders, layers
+from vsrllm_jax.models import encoders, layers, lora
 from vsrllm_jax.models.llm import LlmConfig
 from vsrllm_jax.models.vsr_model import VSRModel
 
 
 def llm_config(config) -> LlmConfig:
-  """The LLM's shape: from ``llm.path``'s config.json, else from ``config.llm``."""
+  """The LLM's shape: from ``llm.path``'s config.json, else from ``config.llm``; LoRA
+  adapters from ``config.llm.lora``."""
   dtypes = dict(dtype=config.dtype, param_dtype=config.param_dtype,
                 remat_policy=config.llm.remat_policy,
                 attention_impl=config.llm.get("attention_impl", "xla"),
-                scan_unroll=config.llm.get("scan_unroll", 1))
+                scan_unroll=config.llm.get("scan_unroll", 1), lora=lora.from_config(config))
   if config.llm.path:
     cfg_file = os.path.join(config.llm.path, "config.json")
     if not os.path.exists(cfg_file):

@@ -139,7 +139,7 @@ class VSRModel(nn.Module):
       mask = jnp.take_along_axis(mask, order, axis=1)
       logit_positions = jnp.take_along_axis(slot, logit_positions, axis=1)
     logits = self.llm(inputs_embeds=embeds, attention_mask=mask, logit_positions=logit_positions,
-                      right_padded=packed)                            # [B, Ll, V]
+                      right_padded=packed, train=train)               # [B, Ll, V]
     counted = label_mask
     if "example_mask" in batch:   # filler rows of an eval batch count in no loss
       counted = counted & batch["example_mask"][:, None].astype(bool)

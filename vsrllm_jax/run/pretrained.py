@@ -1,12 +1,16 @@
 """The pretrained weights a config names (``llm.path``, ``encoder.path``), read once.
 
 A fresh run starts from them (``state.create``); a restored or opened run
-never reads them: its checkpoint holds its weights.
+never reads them: its checkpoint holds its weights. With ``config.llm.lora`` the
+pretrained LLM gains fresh adapters (B = 0: the pretrained function).
 """
 from __future__ import annotations
 
+import jax
+
 from vsrllm_jax import sharding
-from vsrllm_jax.models import encoders
+from vsrllm_jax.models import build, encoders, lora
+from vsrllm_jax.models.llm import LlamaModel
 from vsrllm_jax.formats import hf_llm
 from vsrllm_jax.run.state import frozen_dtype
 
@@ -24,6 +28,11 @@ def load(config, mesh) -> tuple[dict, dict]:
     _, params["llm"] = hf_llm.from_pretrained(
         config.llm.path, dtype=config.dtype, param_dtype=frozen_dtype(config), mesh=mesh,
         rules=sharding.rules(config))
+    llm_config = build.llm_config(config)
+    if llm_config.lora is not None:
+      params["llm"] = lora.with_adapters(params["llm"], LlamaModel(llm_config),
+                                         jax.random.fold_in(jax.random.key(config.seed), 1),
+                                         mesh=mesh, rules=sharding.rules(config))
   variables = encoders.load_pretrained(config.encoder)
   if variables is not None:
     params["encoder"] = variables["params"]

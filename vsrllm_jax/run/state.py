@@ -96,9 +96,12 @@ def layout(model: VSRModel, config, mesh) -> StateLayout:
   model_state = jax.tree.map(lambda x: _abstract(x, x.dtype, replicated),
                              {k: v for k, v in boxed.items() if k != "params"})
   trainable_params, _ = optim.split(params, labels)
+  # With several schedules, each one's state holds MaskedNode where the others' params are.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
   opt_state = optax.tree_map_params(
-      tx, lambda x, p: _abstract(x, x.dtype, p.sharding), jax.eval_shape(tx.init, trainable_params),
-      trainable_params, transform_non_params=lambda x: _abstract(x, x.dtype, replicated))
+      tx, lambda x, p: x if masked(x) else _abstract(x, x.dtype, p.sharding),
+      jax.eval_shape(tx.init, trainable_params), trainable_params,
+      transform_non_params=lambda x: _abstract(x, x.dtype, replicated), is_leaf=masked)
   return StateLayout(params=params, model_state=model_state, labels=labels, tx=tx,
                      schedules=schedules, opt_state=opt_state, mesh=mesh)
 

@@ -5,7 +5,8 @@ r"""Transcribes a split with a run's JAX checkpoint and with its PyTorch export;
 
 Greedy (or ``--strategy=beam``) on both sides, the run's decode settings otherwise. The JAX
 side is the decode command (best checkpoint); the PyTorch side is ``torch_port.VsrLlm``
-reading raw video through the exported encoder. Prints the fraction of
+reading raw video through the exported encoder, with the batches' cluster counts
+(``data.use_cluster_counts``) as the JAX side gets them. Prints the fraction of
 identical transcripts and each side's WER/CER, and writes
 EXPORT/compare_<split>_<strategy>.jsonl with both hypotheses per clip.
 """
@@ -54,9 +55,12 @@ def torch_rows(workdir: str, export: str, split: str, strategy: str = "greedy") 
     tasks = [str(t) if not config.data.instruction else "" for t in batch["task"]]
     for task in sorted({tasks[i] for i in real}):
       index = [i for i in real if tasks[i] == task]
+      counts = (torch.from_numpy(np.asarray(batch["cluster_counts"])[index])
+                if "cluster_counts" in batch else None)
       tokens = model.generate(torch.from_numpy(np.asarray(batch["video"])[index]),
                               torch.from_numpy(np.asarray(batch["video_mask"])[index]),
-                              task=task, max_new_tokens=options["max_new_tokens"],
+                              task=task, cluster_counts=counts,
+                              max_new_tokens=options["max_new_tokens"],
                               strategy=strategy, beam_size=options["beam_size"],
                               length_penalty=options["length_penalty"],
                               early_stopping=options["early_stopping"])

@@ -5,7 +5,10 @@ does: the LLM reads ``[instruction][visual tokens]`` and continues it, greedy
 or by beam search (transformers' ``generate``). Padding inside the prompt is
 moved to the left of each row (positions count real tokens only, so the
 model sees the same sequence), which is the padding ``generate`` expects.
-Torch and transformers only; no JAX.
+Given cluster counts, a sequence-preserving projector's tokens are averaged
+over runs of frames (VSP-LLM deduplication), as ``models/deduplication.py``
+does. A LoRA export in PEFT form is put on the LLM with ``peft`` and merged.
+Torch, transformers (and peft for such exports) only; no JAX.
 """
 from __future__ import annotations
 
@@ -21,8 +24,35 @@ from torch import nn
 from vsrllm_jax.formats import export_bundle
 from vsrllm_jax.torch_port import encoders, projectors
 
+def average_runs(tokens: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor):
+  """tokens [B, T, E], mask [B, T], counts [B, T'] run lengths (0-padded) -> (tokens
+  [B, T, E], mask [B, T]): slot k is the mean of the real frames of run k (frames past
+  ``sum(counts)`` ignored); ``deduplication.average_runs``, in torch."""
+  b, t, _ = tokens.shape
+  ends = torch.cumsum(counts.to(tokens.device).long(), dim=1)                # [B, T']
+  frame = torch.arange(t, device=tokens.device)
+  run_of_frame = torch.searchsorted(ends, frame.expand(b, t).contiguous(), right=True)
+  frame_ok = mask.bool() & (frame[None] < ends[:, -1:])
+  onehot = (run_of_frame[:, None, :] == frame[None, :, None]) & frame_ok[:, None, :]
+  weights = onehot.float()                                                  # [B, runs, frames]
+  n = weights.sum(dim=-1, keepdim=True)
+  out = torch.einsum("brt,bte->bre", weights / n.clamp(min=1), tokens.float())
+  return out.to(tokens.dtype), n[..., 0] > 0
+
+
+def _with_adapter(llm: nn.Module, adapter_dir: str) -> nn.Module:
+  """The LLM with a PEFT LoRA adapter put on and merged into its kernels."""
+  try:
+    import peft  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f"{adapter_dir} is a PEFT adapter (convert --lora_export=peft); reading "
+                      "it needs peft (pip install peft)") from e
+  return peft.PeftModel.from_pretrained(llm, adapter_dir).merge_and_unload()
+
+
 class VsrLlm(nn.Module):
-  """``generate(video, video_mask, task='')`` -> token ids [B, max_new_tokens] (pad after EOS).
+  """``generate(video, video_mask, task='', cluster_counts=None)`` -> token ids
+  [B, max_new_tokens] (pad after EOS).
 
   ``video``: what our encoder reads (clips, or one-frame RGB clips for an image tower).
   """
@@ -46,6 +76,9 @@ class VsrLlm(nn.Module):
     meta = export_bundle.read(export_dir)
     llm_dir = llm_dir or export_bundle.llm_dir(export_dir, meta)
     llm = transformers.AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
+    adapter = export_bundle.lora_adapter_dir(export_dir, meta)
+    if adapter is not None:
+      llm = _with_adapter(llm, adapter)
     tokenizer = transformers.AutoTokenizer.from_pretrained(llm_dir)
     enc = meta["encoder"]
     encoder = encoders.load(export_bundle.torch_twin(meta),
@@ -67,8 +100,13 @@ class VsrLlm(nn.Module):
     ids = torch.tensor(self.instructions[task], dtype=torch.long, device=device)
     return ids[None].expand(batch, -1)
 
-  def prompt(self, video: torch.Tensor, video_mask: torch.Tensor, task: str = ""):
-    """``[instruction][visual tokens]`` embeddings [B, P, E] and mask [B, P], left-padded."""
+  def prompt(self, video: torch.Tensor, video_mask: torch.Tensor, task: str = "",
+             cluster_counts: torch.Tensor | None = None):
+    """``[instruction][visual tokens]`` embeddings [B, P, E] and mask [B, P], left-padded.
+
+    ``cluster_counts`` [B, T] (run lengths, 0 after): deduplication, for a
+    sequence-preserving projector (ignored by others, as in training).
+    """
     video_mask = video_mask.bool()
     feats = self.encoder(video, video_mask)
     if isinstance(feats, tuple):   # an image tower: its own tokens and mask
@@ -80,9 +118,12 @@ class VsrLlm(nn.Module):
     out = self.projector(feats, video_mask, text=instr * self._lookup_scale(),
                          text_mask=instr_mask) if self.projector.text_aware else \
         self.projector(feats, video_mask)
-    tokens = out.tokens.to(instr.dtype) * self.visual_scale
+    tokens, tokens_mask = out.tokens, out.mask.bool()
+    if cluster_counts is not None and self.projector.sequence_preserving:
+      tokens, tokens_mask = average_runs(tokens, tokens_mask, cluster_counts)
+    tokens = tokens.to(instr.dtype) * self.visual_scale
     embeds = torch.cat([instr, tokens], dim=1)
-    mask = torch.cat([instr_mask, out.mask.bool()], dim=1)
+    mask = torch.cat([instr_mask, tokens_mask], dim=1)
     order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)   # padding first, in order
     embeds = torch.take_along_dim(embeds, order[..., None], dim=1)
     return embeds, torch.take_along_dim(mask, order, dim=1)
@@ -93,6 +134,7 @@ class VsrLlm(nn.Module):
 
   @torch.no_grad()
   def generate(self, video: torch.Tensor, video_mask: torch.Tensor, task: str = "", *,
+               cluster_counts: torch.Tensor | None = None,
                max_new_tokens: int | None = None, strategy: str = "greedy",
                beam_size: int = 4, length_penalty: float = 1.0,
                early_stopping: bool | str = "heuristic") -> torch.Tensor:
@@ -102,7 +144,7 @@ class VsrLlm(nn.Module):
     (transformers' False) or 'never'.
     """
     n = max_new_tokens or self.max_new_tokens
-    embeds, mask = self.prompt(video, video_mask, task)
+    embeds, mask = self.prompt(video, video_mask, task, cluster_counts)
     options: dict[str, Any] = dict(max_new_tokens=n, do_sample=False,
                                    eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
     if strategy == "beam":

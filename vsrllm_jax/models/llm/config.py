@@ -12,6 +12,7 @@ import flax.linen as nn
 import numpy as np
 
 from vsrllm_jax.models import rope
+from vsrllm_jax.models.lora import LoraConfig
 
 _MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma")
 ACTIVATIONS = {"silu": nn.silu, "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True)}
@@ -51,6 +52,7 @@ class LlmConfig:
   # (fused flash attention on NVIDIA GPUs, bf16/fp16). Decoding uses 'xla'.
   attention_impl: str = "xla"
   scan_unroll: int = 1                # decoder layers per scan iteration (see layers.scan_layers)
+  lora: LoraConfig | None = None      # adapters on the projections (models/lora.py); None: none
   dtype: str = "float32"
   param_dtype: str = "float32"
 

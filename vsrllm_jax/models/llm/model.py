@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vsrllm_jax.models import lora as lora_lib
 from vsrllm_jax.models import rope
-from vsrllm_jax.models.layers import Dense, default_kernel_init, dot_product_attention, \
+from vsrllm_jax.models.layers import default_kernel_init, dot_product_attention, \
     dtype_from_name, hf_rms_norm, scan_layers, with_axes
 from vsrllm_jax.models.llm.config import ACTIVATIONS, LlmConfig
 from vsrllm_jax.sharding import constrain
@@ -53,21 +54,33 @@ class _RmsNorm(nn.Module):
     return hf_rms_norm(x, w, epsilon=self.epsilon, offset=self.offset, dtype=self.dtype)
 
 
+def _dense(cfg: LlmConfig, target: str, *args, layer=None, dropout_key=None, **kwargs):
+  """The projection ``target`` ('q', ..., 'down'): a Dense, with a LoRA adapter when
+  ``cfg.lora`` targets it (``models/lora.py``). Returns x -> y."""
+  lora = cfg.lora if cfg.lora is not None and target in cfg.lora.targets else None
+  module = lora_lib.LoraDense(*args, dtype=dtype_from_name(cfg.dtype),
+                              param_dtype=dtype_from_name(cfg.param_dtype), lora=lora,
+                              name=lora_lib.TARGETS[target][1], **kwargs)
+  if lora is None:
+    return module
+  return functools.partial(module, dropout_key=lora_lib.layer_dropout_key(dropout_key, layer,
+                                                                          target))
+
+
 class _Attention(nn.Module):
   """GQA self-attention with RoPE; writes into / reads from the carried cache."""
   config: LlmConfig
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, kv, layer, write_index, lengths=None):
+  def __call__(self, x, cos, sin, mask, kv, layer, write_index, lengths=None, dropout_key=None):
     cfg = self.config
-    dense = functools.partial(Dense, dtype=dtype_from_name(cfg.dtype),
-                              param_dtype=dtype_from_name(cfg.param_dtype))
-    q = dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"),
-              use_bias=cfg.attention_bias, name="q_proj")(x)  # [B, S, H, D]
-    k = dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
-              use_bias=cfg.attention_bias, name="k_proj")(x)  # [B, S, Hkv, D]
-    v = dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
-              use_bias=cfg.attention_bias, name="v_proj")(x)  # [B, S, Hkv, D]
+    dense = functools.partial(_dense, cfg, layer=layer, dropout_key=dropout_key)
+    q = dense("q", (cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"),
+              use_bias=cfg.attention_bias)(x)  # [B, S, H, D]
+    k = dense("k", (cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
+              use_bias=cfg.attention_bias)(x)  # [B, S, Hkv, D]
+    v = dense("v", (cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
+              use_bias=cfg.attention_bias)(x)  # [B, S, Hkv, D]
     cos, sin = cos[:, :, None], sin[:, :, None]   # [B, S, 1, D]: every head
     q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
     q = constrain(q, ("act_batch", "act_length", "act_heads", None))
@@ -96,8 +109,8 @@ class _Attention(nn.Module):
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
     else:
       out = dot_product_attention(q, k, v, mask, dtype=dtype_from_name(cfg.dtype))
-    out = dense(cfg.hidden_dim, ("heads", "head_dim", "embed"), axis=(-2, -1),
-                use_bias=cfg.attention_out_bias, name="o_proj")(out)  # [B, S, E]
+    out = dense("o", cfg.hidden_dim, ("heads", "head_dim", "embed"), axis=(-2, -1),
+                use_bias=cfg.attention_out_bias)(out)  # [B, S, E]
     return out, kv
 
 
@@ -106,15 +119,14 @@ class _GatedMlp(nn.Module):
   config: LlmConfig
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, layer=None, dropout_key=None):
     cfg = self.config
-    dense = functools.partial(Dense, use_bias=False, dtype=dtype_from_name(cfg.dtype),
-                              param_dtype=dtype_from_name(cfg.param_dtype))
+    dense = functools.partial(_dense, cfg, layer=layer, dropout_key=dropout_key, use_bias=False)
     act = ACTIVATIONS[cfg.mlp_activation]
-    h = act(dense(cfg.mlp_dim, ("embed", "mlp"), name="gate_proj")(x)) * \
-        dense(cfg.mlp_dim, ("embed", "mlp"), name="up_proj")(x)  # [B, S, M]
+    h = act(dense("gate", cfg.mlp_dim, ("embed", "mlp"))(x)) * \
+        dense("up", cfg.mlp_dim, ("embed", "mlp"))(x)  # [B, S, M]
     h = constrain(h, ("act_batch", "act_length", "act_mlp"))
-    return dense(cfg.hidden_dim, ("mlp", "embed"), name="down_proj")(h)
+    return dense("down", cfg.hidden_dim, ("mlp", "embed"))(h)
 
 
 class DecoderLayer(nn.Module):
@@ -125,11 +137,12 @@ class DecoderLayer(nn.Module):
   (looked up by the carried layer index, so ``nn.scan`` compiles one body)
   narrows the mask; ``lengths`` [B] (right-padded input, no windows) lets
   fused attention use its causal + padding form instead of the mask.
+  ``dropout_key``: LoRA dropout in training (None: none), folded with the layer index.
   """
   config: LlmConfig
 
   @nn.compact
-  def __call__(self, carry, cos, sin, masks, write_index):
+  def __call__(self, carry, cos, sin, masks, write_index, dropout_key):
     cfg = self.config
     norm = functools.partial(_RmsNorm, epsilon=cfg.rms_norm_eps, offset=cfg.norm_offset,
                              dtype=dtype_from_name(cfg.dtype),
@@ -140,9 +153,10 @@ class DecoderLayer(nn.Module):
       window = jnp.asarray(cfg.layer_windows(), jnp.int32)[layer]
       mask = mask & (rel < window)[:, None]
     h, kv = _Attention(cfg, name="self_attn")(norm(name="input_layernorm")(x), cos, sin, mask,
-                                              kv, layer, write_index, lengths)
+                                              kv, layer, write_index, lengths, dropout_key)
     x = x + h
-    x = x + _GatedMlp(cfg, name="mlp")(norm(name="post_attention_layernorm")(x))
+    x = x + _GatedMlp(cfg, name="mlp")(norm(name="post_attention_layernorm")(x), layer,
+                                       dropout_key)
     x = constrain(x, ACT_HIDDEN)
     return (x, kv, layer + 1), None
 
@@ -170,7 +184,7 @@ class LlamaModel(nn.Module):
     dt, pdt = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
     self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_dim, dtype=dt, param_dtype=pdt,
                                  embedding_init=with_axes(default_kernel_init, ("vocab", "embed")))
-    stack = scan_layers(DecoderLayer, cfg.num_layers, num_broadcast=4,
+    stack = scan_layers(DecoderLayer, cfg.num_layers, num_broadcast=5,
                         remat_policy=cfg.remat_policy, unroll=cfg.scan_unroll)
     self.layers = stack(cfg)
     self.final_norm = _RmsNorm(epsilon=cfg.rms_norm_eps, offset=cfg.norm_offset, dtype=dt,
@@ -190,7 +204,8 @@ class LlamaModel(nn.Module):
     return x
 
   def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None,
-               position_ids=None, cache=None, logit_positions=None, right_padded=False):
+               position_ids=None, cache=None, logit_positions=None, right_padded=False,
+               train=False):
     """Logits [B, S|P, V] float32; with ``cache`` returns ``(logits, new_cache)``.
 
     attention_mask [B, S] (1 = real). Attention is causal and over real keys
@@ -199,6 +214,7 @@ class LlamaModel(nn.Module):
     restricts the final norm + LM head to those sequence positions.
     ``right_padded``: the caller promises every row is real tokens then padding
     (``pack_right``), so fused attention may run causal with sequence lengths.
+    ``train``: LoRA adapters drop their inputs (``lora.dropout``, the 'dropout' rng).
     """
     cfg = self.config
     if (input_ids is None) == (inputs_embeds is None):
@@ -239,7 +255,11 @@ class LlamaModel(nn.Module):
     if right_padded and cache is None and cfg.sliding_window is None:
       lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)  # [B]
     masks = (attn_mask, rel, lengths)
-    (x, kv, _), _ = self.layers((x, kv, jnp.int32(0)), cos, sin, masks, write_index)
+    dropout_key = None
+    if train and cfg.lora is not None and cfg.lora.dropout > 0:
+      dropout_key = self.make_rng("dropout")
+    (x, kv, _), _ = self.layers((x, kv, jnp.int32(0)), cos, sin, masks, write_index,
+                                dropout_key)
     if logit_positions is not None:
       x = jnp.take_along_axis(x, jnp.asarray(logit_positions, jnp.int32)[..., None], axis=1)
     x = self.final_norm(x)  # [B, P, E]
