@@ -114,9 +114,13 @@ def layout(model: VSRModel, config, mesh, *, step: int | None = None) -> StateLa
   model_state = jax.tree.map(lambda x: _abstract(x, x.dtype, replicated),
                              {k: v for k, v in boxed.items() if k != "params"})
   trainable_params, _ = optim.split(params, labels)
+  # Moments live where their params live; with several schedules each one's state holds
+  # MaskedNode where another's params are.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
   opt_state = optax.tree_map_params(
-      tx, lambda x, p: _abstract(x, x.dtype, p.sharding), jax.eval_shape(tx.init, trainable_params),
-      trainable_params, transform_non_params=lambda x: _abstract(x, x.dtype, replicated))
+      tx, lambda x, p: x if masked(x) else _abstract(x, x.dtype, p.sharding),
+      jax.eval_shape(tx.init, trainable_params), trainable_params,
+      transform_non_params=lambda x: _abstract(x, x.dtype, replicated), is_leaf=masked)
   return StateLayout(params=params, model_state=model_state, labels=labels, tx=tx,
                      schedules=schedules, opt_state=opt_state, mesh=mesh,
                      until=start if step < start else None)
