@@ -127,6 +127,22 @@ def test_trainable_encoder_gets_its_true_gradient(trained):
     np.testing.assert_array_equal(a, b)
 
 
+def test_trainable_embedding_table_gets_gradient_at_the_rows_it_looks_up():
+  """The LLM's table trains when its group says so (the model stops no gradient): one step
+  moves the rows of the real instruction tokens and no row the batch does not look up."""
+  t = _step(_config(param_groups=(("^(projector|llm/embed_tokens)/", "main"), (".*", None))),
+            run=True)
+  table = np.asarray(t.state.params["llm"]["embed_tokens"]["embedding"])
+  new, _ = t.compiled(jax.tree.map(lambda x: x.copy(), t.state), t.batch)
+  moved = np.flatnonzero(np.any(np.asarray(new.params["llm"]["embed_tokens"]["embedding"])
+                                != table, axis=1))
+  ids = {k: np.asarray(t.batch[f"{k}_ids"]) for k in ("instruction", "label")}
+  real_instruction = set(ids["instruction"][np.asarray(t.batch["instruction_mask"])].tolist())
+  assert real_instruction <= set(moved.tolist())
+  assert set(moved.tolist()) <= set(np.concatenate([v.ravel() for v in ids.values()]).tolist())
+  step_lib.check_trainable_reachable(t.model, t.layout, t.config)   # reached: no error
+
+
 def _check(config):
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   model = build_lib.build_model(config)
