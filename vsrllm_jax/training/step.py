@@ -5,9 +5,9 @@ What trains is the layout's labels alone (``config.optim.param_groups`` and
 are taken with respect to the trainable subtree only; frozen params enter
 through ``jax.lax.stop_gradient``, so XLA never computes their gradients (nor
 the backward pass of a frozen encoder), and the gradient norm is over
-trainable grads alone. The rng of a
-step is ``fold_in(seed, step)``, so a resumed run draws the same randomness.
-Metrics stay on device; the loop fetches them at log steps.
+trainable grads alone. The rng of a step is ``fold_in(seed, step)``, so a
+resumed run draws the same randomness. Metrics stay on device; the loop
+fetches them at log steps.
 """
 from __future__ import annotations
 
