@@ -162,6 +162,10 @@ def test_trainable_encoder_on_cached_features_is_an_error_naming_its_params():
       jax.random.key(0), batch_lib.dummy_batch(config)))["params"]["encoder"]))
   assert f"labels {n} param(s)" in str(err.value)
   assert "projector/" not in str(err.value)
+  config.optim.freeze_finetune_updates = 5     # trained from step 5 on: the same error
+  with pytest.raises(ValueError, match=r"never reaches .*'encoder/final_norm/bias'"):
+    _check(config)
+  config.optim.freeze_finetune_updates = 0
   config.data.cache_features = False           # on raw video every one is reached
   _check(config)
   config.data.cache_features = True            # the default groups: the projector alone
