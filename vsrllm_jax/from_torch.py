@@ -89,7 +89,9 @@ def import_export(export: str, workdir: str) -> int:
   projector = projector_format.from_state_dict(
       model, config, safetensors_io.read_all(os.path.join(export, meta["projector"]["file"])))
   params = {"llm": llm_params, "encoder": enc_vars["params"], **projector}
-  layout = state_lib.layout(model, config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+  step = int(meta["source"]["step"])
+  layout = state_lib.layout(model, config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]),
+                            step=step)
   missing = sorted(set(layout.params) - set(params))
   if missing:
     raise ValueError(f"{export}: the export has no weights for {missing}")
@@ -99,7 +101,6 @@ def import_export(export: str, workdir: str) -> int:
   state = state_lib.create(model, config, layout,
                            pretrained_params={k: params[k] for k in layout.params},
                            pretrained_model_state=model_state)
-  step = int(meta["source"]["step"])
   state = state.replace(step=jax.device_put(jnp.asarray(step, jnp.int32), state.step.sharding))
   workdir_lib.write_run_info(workdir, config)
   with open(os.path.join(workdir, "config.py"), "w") as f:

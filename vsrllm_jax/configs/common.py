@@ -181,6 +181,9 @@ def get_base_config() -> ConfigDict:
   c.frozen_param_dtype = ""
 
   c.loss_weights = ConfigDict(dict(lm=1.0))
+  # label_smoothing: eps of fairseq's label_smoothed_nll_loss on the LM loss (eps / V
+  # spread over the vocabulary; training/losses.py); 0 = plain cross-entropy.
+  c.loss = ConfigDict(dict(label_smoothing=0.0))
   # CTC auxiliary head over characters (models/ctc.py): on the frozen 'encoder'
   # features or the 'projector' tokens (sequence-preserving projectors only).
   # Enabling it needs data.ctc_max_chars > 0 and loss_weights.ctc; the default
@@ -205,6 +208,10 @@ def get_base_config() -> ConfigDict:
       b2=0.98,
       eps=1e-8,
       clip_grad_norm=1.0,
+      # N > 0: the encoder params the groups train stay frozen for the first N
+      # updates, then train (fresh AdamW state, the global lr schedule; VSP-LLM's
+      # key; needs data.cache_features=False). 0 = as param_groups say.
+      freeze_finetune_updates=0,
   ))
 
   # Decoding for validation, test and the decode command (models/generation.py).

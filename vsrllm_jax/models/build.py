@@ -6,7 +6,7 @@ import os
 
 from vsrllm_jax.models import encoders, layers, lora
 from vsrllm_jax.models.llm import LlmConfig
-from vsrllm_jax.models.vsr_model import VSRModel
+from vsrllm_jax.models.vsr_model import VSRModel, check_deduplication
 
 
 def llm_config(config) -> LlmConfig:
@@ -36,6 +36,8 @@ def encoder_config(config) -> encoders.EncoderConfig:
 
 def build_model(config) -> VSRModel:
   projector_cfg = dict(config.projector)
+  if config.data.get("use_cluster_counts"):
+    check_deduplication(projector_cfg["name"])
   return VSRModel(
       encoder_config=encoder_config(config),
       projector_config=projector_cfg,

@@ -1,4 +1,5 @@
-"""The composed model: frozen encoder -> projector -> frozen LLM.
+"""The composed model: encoder -> projector -> LLM (frozen or not as
+``config.optim.param_groups`` say: the train step, not the model, stops gradients).
 
 The LLM reads ``[instruction][visual tokens][label]``. Each segment may be
 padded inside (mask False); attention masks and position ids are built from
@@ -41,6 +42,17 @@ def pack_right(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   return order, slot
 
 
+def check_deduplication(projector: str) -> None:
+  """Deduplication averages runs of frames: only a projector with one token per frame
+  (``sequence_preserving``) has frames to average."""
+  if not projectors.get_class(projector).sequence_preserving:
+    keep = sorted(n for n in projectors.names() if projectors.get_class(n).sequence_preserving)
+    raise ValueError(f"config.data.use_cluster_counts=True (VSP-LLM deduplication) needs a "
+                     f"projector with one token per frame ({keep}); projector {projector!r} "
+                     "is not. Set config.data.use_cluster_counts=False or change "
+                     "config.projector.name")
+
+
 class VSRModel(nn.Module):
   """batch -> dict(logits [B, Ll, V], projector ProjectorOutput, aux_losses {name: scalar}).
 
@@ -69,18 +81,29 @@ class VSRModel(nn.Module):
     self.ctc_head = ctc.CtcHead(**kw) if enabled else None
 
   def encode(self, batch) -> tuple[jax.Array, jax.Array]:
-    """Frozen visual features [B, T, D] and their mask; cached features pass through."""
+    """Visual features [B, T, D] and their mask; cached features are constants.
+
+    The encoder's output carries its gradient: a trainable encoder (param groups,
+    raw video) gets its true gradient, a frozen one enters the train step through
+    ``stop_gradient`` and XLA computes no backward pass for it. The encoder runs
+    as in evaluation even when it trains: batch norm normalises with its running
+    statistics (``model_state['batch_stats']``, which the train step never
+    updates; its scale and bias are params and train), and AV-HuBERT's layerdrop,
+    dropout and masking are not modelled, so the gradient is that of the features
+    inference computes. (fairseq's fine-tuning runs it in train mode: batch
+    statistics, running averages updated, layerdrop.)
+    """
     if "features" in batch:
       return jax.lax.stop_gradient(batch["features"]), batch["features_mask"].astype(bool)
     feats = self.encoder(batch["video"], batch["video_mask"])
     mask = batch["video_mask"].astype(bool)
     if isinstance(feats, tuple):   # an image tower: its own tokens and mask
       feats, mask = feats
-    return jax.lax.stop_gradient(feats), mask
+    return feats, mask
 
   def embed_ids(self, ids):
-    """Frozen LLM embedding table lookup. ids [B, L] -> [B, L, E]."""
-    return jax.lax.stop_gradient(self.llm.embed(ids))
+    """LLM embedding table lookup (trains if its param group does). ids [B, L] -> [B, L, E]."""
+    return self.llm.embed(ids)
 
   def project(self, batch, *, train: bool) -> tuple[ProjectorOutput, jax.Array, jax.Array]:
     """Runs encoder and projector. Returns (output, visual tokens, visual mask).
@@ -92,7 +115,8 @@ class VSRModel(nn.Module):
     out = self.projector(feats, feats_mask, text=instr,
                          text_mask=batch["instruction_mask"].astype(bool), train=train)
     tokens, mask = constrain(out.tokens, ("act_batch", "act_length", "act_embed")), out.mask
-    if "cluster_counts" in batch and type(self.projector).sequence_preserving:
+    if "cluster_counts" in batch:
+      check_deduplication(self.projector_config["name"])
       tokens, mask = deduplication.average_runs(tokens, mask, batch["cluster_counts"])
     self.sow("intermediates", "projector_tokens", tokens)
     if self.ctc_head is not None:

@@ -95,7 +95,11 @@ class MetricWriter:
 @jax.jit
 def _accumulate(totals, scalars):
   new = {k: clu_metrics.Average.from_model_output(v) for k, v in scalars.items()}
-  return new if totals is None else {k: totals[k].merge(new[k]) for k in new}
+  if totals is None:
+    return new
+  # A name new since the last report (a schedule that starts at freeze_finetune_updates)
+  # averages over the steps that have it.
+  return {k: totals[k].merge(new[k]) if k in totals else new[k] for k in new}
 
 
 class StepAverages:

@@ -5,6 +5,13 @@ Shapes and placement are decided before any parameter exists
 (``jax.eval_shape`` -> logical axis names -> ``NamedSharding``), then one jitted
 init writes every parameter directly into its shard. Inference restores only
 the weights (``StateLayout.weights``); nothing else is made for it.
+
+Phases: with ``config.optim.freeze_finetune_updates`` = N > 0 the state of a
+step s < N has the encoder frozen (no optimizer state for it) and that of a
+step s >= N has it trainable; a checkpoint at step s restores into the layout
+of s. ``next_phase`` moves a state across N (fresh optimizer state for the
+encoder, the rest carried over). Params have one storage dtype in every phase:
+that of their param-group label.
 """
 from __future__ import annotations
 
@@ -48,8 +55,10 @@ class StateLayout:
   """Everything about the state that the model, the config and the mesh decide.
 
   ``params`` / ``model_state``: ShapeDtypeStructs in their storage dtypes with
-  their shardings; ``labels``: param path -> schedule name or ``optim.FROZEN``;
-  ``opt_state``: the optimizer state over the trainable params, abstract.
+  their shardings; ``labels``: param path -> schedule name or ``optim.FROZEN``,
+  in this phase; ``opt_state``: the optimizer state over this phase's trainable
+  params, abstract; ``until``: the step at which the next phase starts (None:
+  this is the last).
   """
   params: Any
   model_state: Any
@@ -58,6 +67,7 @@ class StateLayout:
   schedules: dict[str, Callable]
   opt_state: Any
   mesh: Any
+  until: int | None = None
 
   def weights(self) -> dict:
     """What inference restores: ``{'params', 'model_state'}``, abstract."""
@@ -78,17 +88,25 @@ def init_variables(model: VSRModel, config, rng):
                     train=False)
 
 
-def layout(model: VSRModel, config, mesh) -> StateLayout:
-  """The one derivation of the state: ``create`` fills it, restores read into it."""
+def layout(model: VSRModel, config, mesh, *, step: int | None = None) -> StateLayout:
+  """The one derivation of the state: ``create`` fills it, restores read into it.
+
+  ``step``: the step the state is for, whose phase decides labels and optimizer
+  (``config.optim.freeze_finetune_updates``); None: the last phase, where every
+  param the groups label trainable trains (what inference and exports read).
+  """
   boxed = jax.eval_shape(lambda r: init_variables(model, config, r),
                          jax.random.key(config.seed))
   param_shardings = sharding.logical_shardings(boxed["params"], mesh, sharding.rules(config))
   unboxed = nn.meta.unbox(boxed["params"])
-  labels = optim.label_params(unboxed, config.optim.param_groups)
+  group_labels = optim.label_params(unboxed, config.optim.param_groups)
+  start = optim.unfreeze_step(config.optim)
+  step = start if step is None else step
+  labels = optim.phase_labels(group_labels, config.optim, step, config.total_steps)
   tx, schedules = optim.make_optimizer(config.optim, labels, config.total_steps)
   frozen, trainable = jnp.dtype(frozen_dtype(config)), jnp.dtype(config.param_dtype)
   dtypes = flax.traverse_util.unflatten_dict(
-      {k: frozen if v is optim.FROZEN else trainable for k, v in labels.items()})
+      {k: frozen if v is optim.FROZEN else trainable for k, v in group_labels.items()})
   params = jax.tree.map(lambda x, d, s: _abstract(x, d if jnp.issubdtype(x.dtype, jnp.floating)
                                                   else x.dtype, s),
                         unboxed, dtypes, param_shardings)
@@ -96,14 +114,42 @@ def layout(model: VSRModel, config, mesh) -> StateLayout:
   model_state = jax.tree.map(lambda x: _abstract(x, x.dtype, replicated),
                              {k: v for k, v in boxed.items() if k != "params"})
   trainable_params, _ = optim.split(params, labels)
-  # With several schedules, each one's state holds MaskedNode where the others' params are.
+  # Moments live where their params live; with several schedules each one's state holds
+  # MaskedNode where another's params are.
   masked = lambda x: isinstance(x, optax.MaskedNode)
   opt_state = optax.tree_map_params(
       tx, lambda x, p: x if masked(x) else _abstract(x, x.dtype, p.sharding),
       jax.eval_shape(tx.init, trainable_params), trainable_params,
       transform_non_params=lambda x: _abstract(x, x.dtype, replicated), is_leaf=masked)
   return StateLayout(params=params, model_state=model_state, labels=labels, tx=tx,
-                     schedules=schedules, opt_state=opt_state, mesh=mesh)
+                     schedules=schedules, opt_state=opt_state, mesh=mesh,
+                     until=start if step < start else None)
+
+
+def next_phase(model: VSRModel, config, state_layout: StateLayout,
+               state: TrainState) -> tuple[StateLayout, TrainState]:
+  """(layout, state) from step ``state_layout.until`` on: the optimizer state of the
+  params that start training then is created fresh (``optim``: AdamW count 0, the
+  global schedule's learning rate); every other leaf is carried over as it is."""
+  if state_layout.until is None:
+    raise ValueError("next_phase: this layout is the last phase")
+  new = layout(model, config, state_layout.mesh, step=state_layout.until)
+  trainable, _ = optim.split(state.params, new.labels)
+  fresh = jax.jit(new.tx.init, out_shardings=jax.tree.map(lambda x: x.sharding,
+                                                          new.opt_state))(trainable)
+  old = {jax.tree_util.keystr(p): x
+         for p, x in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]}
+  paths, treedef = jax.tree_util.tree_flatten_with_path(fresh)
+  leaves = []
+  for path, x in paths:
+    kept = old.pop(jax.tree_util.keystr(path), None)
+    if kept is not None and (kept.shape, kept.dtype) != (x.shape, x.dtype):
+      raise ValueError(f"optimizer state {jax.tree_util.keystr(path)}: {kept.shape} "
+                       f"{kept.dtype} before step {state_layout.until}, {x.shape} {x.dtype} after")
+    leaves.append(x if kept is None else kept)
+  if old:   # the next phase only adds state; losing some would be a bug here
+    raise ValueError(f"next_phase would drop optimizer state {sorted(old)[:4]}")
+  return new, state.replace(opt_state=jax.tree.unflatten(treedef, leaves))
 
 
 def create(model: VSRModel, config, state_layout: StateLayout, *, pretrained_params=None,

@@ -39,16 +39,18 @@ class _Preemption:
     self.requested = True
 
 
-def _initial_state(setup, layout, ckpts, workdir):
-  """(state, step): the latest checkpoint's state, else a fresh one from pretrained weights."""
+def _initial_state(setup, ckpts, workdir):
+  """(layout, state, step): the latest checkpoint's state in the layout of its step, else
+  a fresh one from pretrained weights."""
   start = ckpts.latest_step()
   checkpoint.log_resume(start, workdir)
+  layout = state_lib.layout(setup.model, setup.config, setup.mesh, step=start or 0)
   if start is not None:
     state, _ = ckpts.restore(start, layout.abstract())
-    return state, int(start)
+    return layout, state, int(start)
   params, model_state = pretrained.load(setup.config, setup.mesh)
-  return state_lib.create(setup.model, setup.config, layout, pretrained_params=params,
-                          pretrained_model_state=model_state), 0
+  return layout, state_lib.create(setup.model, setup.config, layout, pretrained_params=params,
+                                  pretrained_model_state=model_state), 0
 
 
 def _step_flops(setup, layout) -> throughput.StepFlops:
@@ -72,9 +74,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   setup = setup_lib.make(config)
   config, tok, mesh = setup.config, setup.tokenizer, setup.mesh
   workdir_lib.write_run_info(workdir, config)
-  layout = state_lib.layout(setup.model, config, mesh)
   ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
-  state, start = _initial_state(setup, layout, ckpts, workdir)
+  layout, state, start = _initial_state(setup, ckpts, workdir)
   data = RunData(setup, state.params, state.model_state)
   data.prepare(("train", "validation", "test"))   # before a train step donates the state
   data_iter = iter(data.train_loader())
@@ -82,6 +83,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     ckpts.restore_data(start, data_iter)
 
   step_lib.check_loss_weights(setup.model, layout, config)
+  step_lib.check_trainable_reachable(setup.model, layout, config)
   step_fn = step_lib.make_train_step(setup.model, config, layout)
   predict = predictor.make_predictor(setup.model, config, eos_id=setup.eos_ids,
                                      pad_id=tok.pad_token_id, mesh=mesh)
@@ -101,14 +103,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     if ckpts.save_best(step, state, rates["wer"]):
       logging.info("step %d: new best val/wer %.4f", step, rates["wer"])
 
-  shapes = set()  # distinct batch shapes = train-step compilations (length buckets)
+  shapes = set()  # distinct (phase, batch shape) = train-step compilations (length buckets)
   profile = metrics.ProfileWindow(config.get("profile_steps", ()),
                                   os.path.join(workdir, "profile"))
   for step in range(start, config.total_steps):
     profile.before(step)
     inputs = model_inputs(next(data_iter))
     shapes_before = len(shapes)
-    shapes.add(tuple(sorted((k, v.shape) for k, v in inputs.items())))
+    shapes.add((layout.until, tuple(sorted((k, v.shape) for k, v in inputs.items()))))
     global_inputs = sharding.global_batch(inputs, mesh)
     if len(shapes) > shapes_before:   # a new shape: FLOP count and compilation are not timed
       meter.pause()
@@ -122,6 +124,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     averages.add(step_metrics)
     done = step + 1
     profile.after(step, step_metrics)
+    if done == layout.until:   # config.optim.freeze_finetune_updates: the encoder trains now
+      layout, state = state_lib.next_phase(setup.model, config, layout, state)
+      step_fn = step_lib.make_train_step(setup.model, config, layout)
+      step_flops = _step_flops(setup, layout)
+      logging.info("step %d: the encoder trains from now on (freeze_finetune_updates)", done)
     if done % config.log_every == 0 or done == config.total_steps:
       summary = averages.report()
       summary.update(progress(done))

@@ -14,17 +14,34 @@ import jax
 import jax.numpy as jnp
 
 
-def lm_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+def lm_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array,
+                     label_smoothing: float = 0.0) -> jax.Array:
   """Mean next-token cross-entropy over real label tokens.
 
   logits [B, L, V] (at the positions that predict each label token),
   targets [B, L] int, mask [B, L] (False on padding). Computed in fp32.
+  ``label_smoothing`` = eps > 0: fairseq's ``label_smoothed_nll_loss`` per token,
+  (1 - eps) * nll + eps / V * sum_v(-log p_v): eps spread evenly over all V
+  entries (the target's included), i.e. cross-entropy against the target
+  distribution (1 - eps) * onehot + eps / V (optax.smooth_labels).
   """
   logits = logits.astype(jnp.float32)
   logz = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  nll = (logz - target_logit) * mask
+  nll = logz - target_logit
+  if label_smoothing:
+    smooth = logz - jnp.mean(logits, axis=-1)            # sum_v(-log p_v) / V
+    nll = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+  nll = nll * mask
   return jnp.sum(nll) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def label_smoothing(config) -> float:
+  """``config.loss.label_smoothing`` (0 when absent), checked to lie in [0, 1)."""
+  eps = float((config.get("loss") or {}).get("label_smoothing", 0.0) or 0.0)
+  if not 0.0 <= eps < 1.0:
+    raise ValueError(f"config.loss.label_smoothing={eps} must be in [0, 1)")
+  return eps
 
 
 def token_accuracy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:

@@ -6,6 +6,14 @@ parameter must match one. ``None`` freezes: frozen parameters are split off
 before differentiation, so they get no gradient, no optimizer state and take
 no part in the gradient-norm clip. The trainable subtree carries labels (the
 schedule names) that route it through ``optax.multi_transform``.
+
+``config.optim.freeze_finetune_updates`` = N > 0 (fairseq's and VSP-LLM's
+key) keeps the encoder frozen for the first N updates, whatever the groups
+say, then trains the encoder params they label trainable. The encoder's
+AdamW state is created at step N (count 0: fresh moments and bias correction,
+as fairseq creates a parameter's Adam state at its first gradient), and its
+learning rate is its schedule at the global step (fairseq's one global
+schedule), so it starts at lr(N), not at the start of a warmup.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 FROZEN = None
+ENCODER = "encoder"   # the subtree freeze_finetune_updates holds back
 
 
 def param_path(path: tuple[str, ...]) -> str:
@@ -56,6 +65,39 @@ def merge(trainable: dict, frozen: dict) -> dict:
   flat = traverse_util.flatten_dict(frozen)
   flat.update(traverse_util.flatten_dict(trainable))
   return traverse_util.unflatten_dict(flat)
+
+
+def unfreeze_step(optim_cfg) -> int:
+  """``config.optim.freeze_finetune_updates`` as an int (None or absent -> 0)."""
+  n = optim_cfg.get("freeze_finetune_updates") or 0
+  if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    raise ValueError(f"config.optim.freeze_finetune_updates={n!r} must be an int >= 0 (the "
+                     "updates before the encoder trains; 0 = as config.optim.param_groups say)")
+  return n
+
+
+def phase_labels(labels: Mapping[tuple[str, ...], str | None], optim_cfg, step: int,
+                 total_steps: int) -> dict[tuple[str, ...], str | None]:
+  """The labels in force at ``step``: before ``freeze_finetune_updates`` the encoder is
+  frozen, from then on ``labels`` (the param groups') hold."""
+  start = unfreeze_step(optim_cfg)
+  if not start:
+    return dict(labels)
+  late = [k for k, v in labels.items() if k[0] == ENCODER and v is not FROZEN]
+  key = f"config.optim.freeze_finetune_updates={start}"
+  if not late:
+    raise ValueError(f"{key} holds back the encoder, but config.optim.param_groups trains no "
+                     "encoder param; label '^encoder/' with a schedule, or set it to 0")
+  if start >= total_steps:
+    raise ValueError(f"{key} >= config.total_steps={total_steps}: the encoder params "
+                     "config.optim.param_groups label trainable would never train")
+  if step >= start:
+    return dict(labels)
+  held = {k: (FROZEN if k[0] == ENCODER else v) for k, v in labels.items()}
+  if all(v is FROZEN for v in held.values()):
+    raise ValueError(f"{key}: before that step nothing would train (config.optim.param_groups "
+                     "trains only encoder params)")
+  return held
 
 
 def make_schedule(cfg, total_steps: int) -> optax.Schedule:
@@ -98,7 +140,13 @@ def _decay_mask(tree):
 
 def make_optimizer(optim_cfg, labels: Mapping[tuple[str, ...], str | None],
                    total_steps: int) -> tuple[optax.GradientTransformation, dict]:
-  """(optimizer over the trainable subtree, {schedule name: schedule})."""
+  """(optimizer over the trainable subtree, {schedule name: schedule}).
+
+  With ``freeze_finetune_updates`` = N > 0, trainable encoder params (present in
+  ``labels`` from step N on: ``phase_labels``) go through their own AdamW,
+  keyed '<schedule>@N', whose state starts at step N and whose learning rate is
+  ``schedule(count + N)``: the global step's.
+  """
   used = sorted({l for l in labels.values() if l is not FROZEN})
   if not used:
     raise ValueError("config.optim.param_groups freezes every parameter: nothing would train")
@@ -107,12 +155,20 @@ def make_optimizer(optim_cfg, labels: Mapping[tuple[str, ...], str | None],
     raise ValueError(f"config.optim.param_groups names schedule(s) {missing} not defined in "
                      f"config.optim.schedules (which has {sorted(optim_cfg.schedules)})")
   schedules = {name: make_schedule(optim_cfg.schedules[name], total_steps) for name in used}
-  transforms = {
-      name: optax.adamw(schedules[name], b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                        weight_decay=optim_cfg.weight_decay, mask=_decay_mask)
-      for name in used}
-  trainable_labels = traverse_util.unflatten_dict(
-      {k: v for k, v in labels.items() if v is not FROZEN})
+  adamw = lambda lr: optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                                 weight_decay=optim_cfg.weight_decay, mask=_decay_mask)
+  start = unfreeze_step(optim_cfg)
+  routes, transforms = {}, {}
+  for path, name in labels.items():
+    if name is FROZEN:
+      continue
+    route = f"{name}@{start}" if start and path[0] == ENCODER else name
+    if route not in transforms:
+      lr = schedules[name] if route == name else (
+          lambda count, fn=schedules[name]: fn(count + start))
+      transforms[route] = adamw(lr)
+    routes[path] = route
+  trainable_labels = traverse_util.unflatten_dict(routes)
   tx = optax.multi_transform(transforms, trainable_labels)
   if optim_cfg.clip_grad_norm:
     tx = optax.chain(optax.clip_by_global_norm(optim_cfg.clip_grad_norm), tx)

@@ -1,10 +1,13 @@
 """The jitted train step: named losses, gradients of the trainable params, one update.
 
-Gradients are taken with respect to the trainable subtree only; frozen params
-enter through ``jax.lax.stop_gradient``, so XLA never computes their
-gradients, and the gradient norm is over trainable grads alone. The rng of a
-step is ``fold_in(seed, step)``, so a resumed run draws the same randomness.
-Metrics stay on device; the loop fetches them at log steps.
+What trains is the layout's labels alone (``config.optim.param_groups`` and
+``freeze_finetune_updates``); the model stops no gradient of its own. Gradients
+are taken with respect to the trainable subtree only; frozen params enter
+through ``jax.lax.stop_gradient``, so XLA never computes their gradients (nor
+the backward pass of a frozen encoder), and the gradient norm is over
+trainable grads alone. The rng of a step is ``fold_in(seed, step)``, so a
+resumed run draws the same randomness. Metrics stay on device; the loop
+fetches them at log steps.
 """
 from __future__ import annotations
 
@@ -19,19 +22,32 @@ from vsrllm_jax.data import batch as batch_lib
 from vsrllm_jax.models import encoders
 from vsrllm_jax.models.vsr_model import VSRModel
 from vsrllm_jax.run.state import StateLayout, TrainState
-from vsrllm_jax.training import losses, optim
+from vsrllm_jax.training import losses, optim, reachability
 
 
-def compute_losses(model: VSRModel, params, model_state, batch, *, train: bool, rng=None):
-  """Named losses (unweighted) and extra metrics for one batch: ``lm`` and every
+def compute_losses(model: VSRModel, params, model_state, batch, *, train: bool, rng=None,
+                   label_smoothing: float = 0.0):
+  """Named losses (unweighted) and extra metrics for one batch: ``lm`` (label-smoothed
+  with ``label_smoothing`` > 0, its plain NLL then an extra ``lm_nll``) and every
   auxiliary loss the model returns (the projector's own, CTC)."""
   rngs = {"dropout": rng} if rng is not None else {}
   out = model.apply({"params": params, **model_state}, batch, train=train, rngs=rngs)
   label_mask = losses.label_weights(batch)
-  named = {"lm": losses.lm_cross_entropy(out["logits"], batch["label_ids"], label_mask),
+  logits, ids = out["logits"], batch["label_ids"]
+  named = {"lm": losses.lm_cross_entropy(logits, ids, label_mask, label_smoothing),
            **out["aux_losses"]}
-  extra = {"token_accuracy": losses.token_accuracy(out["logits"], batch["label_ids"], label_mask)}
+  extra = {"token_accuracy": losses.token_accuracy(logits, ids, label_mask)}
+  if label_smoothing:
+    extra["lm_nll"] = losses.lm_cross_entropy(logits, ids, label_mask)
   return named, extra
+
+
+def _default_batch(model: VSRModel, config):
+  """Zeros shaped as the config's train batches (features when they are cached)."""
+  batch = batch_lib.dummy_batch(config, config.batch_size)
+  if config.data.cache_features:
+    batch = batch_lib.with_features(batch, encoders.feature_dim(model.encoder_config))
+  return batch
 
 
 def check_loss_weights(model: VSRModel, state_layout: StateLayout, config,
@@ -39,14 +55,38 @@ def check_loss_weights(model: VSRModel, state_layout: StateLayout, config,
   """Fails before training unless config.loss_weights names exactly the produced losses
   (on ``batch``, by default zeros shaped as the config's train batches)."""
   if batch is None:
-    batch = batch_lib.dummy_batch(config, config.batch_size)
-    if config.data.cache_features:
-      batch = batch_lib.with_features(batch, encoders.feature_dim(model.encoder_config))
+    batch = _default_batch(model, config)
   named, _ = jax.eval_shape(
       lambda p, s, b: compute_losses(model, p, s, b, train=True, rng=jax.random.key(0)),
       state_layout.params, state_layout.model_state, batch)
   losses.check_loss_names(named.keys(), dict(config.loss_weights))
   return sorted(named)
+
+
+def check_trainable_reachable(model: VSRModel, state_layout: StateLayout, config,
+                              batch=None) -> None:
+  """Fails before training if a param the groups label trainable (in any phase) gets no
+  gradient from the loss: a symbolic zero in the traced gradient (``reachability``),
+  on ``batch`` (by default zeros shaped as the config's train batches)."""
+  if batch is None:
+    batch = _default_batch(model, config)
+  weights, eps = dict(config.loss_weights), losses.label_smoothing(config)
+  labels = optim.label_params(state_layout.params, config.optim.param_groups)
+  trainable, frozen = optim.split(state_layout.params, labels)
+
+  def loss(trainable, frozen, model_state, batch, rng):
+    named, _ = compute_losses(model, optim.merge(trainable, frozen), model_state, batch,
+                              train=True, rng=rng, label_smoothing=eps)
+    return losses.weighted_total(named, weights)
+
+  dead = reachability.unreachable(loss, trainable, frozen, state_layout.model_state, batch,
+                                  jax.random.key(0))
+  if dead:
+    source = ("cached encoder features (config.data.cache_features=True)"
+              if "features" in batch else "raw video")
+    raise ValueError(f"config.optim.param_groups labels {len(dead)} param(s) trainable that "
+                     f"the loss never reaches (no gradient, on {source}): {dead[:8]}; freeze "
+                     "them (schedule None) or make the loss use them")
 
 
 def _micro_batches(batch, k: int):
@@ -69,7 +109,7 @@ def make_train_step(model: VSRModel, config, state_layout: StateLayout) -> Calla
   exactly the gradient of the whole batch. Batch-level auxiliary losses
   (InfoNCE negatives, routing statistics) see one micro-batch at a time.
   """
-  weights = dict(config.loss_weights)
+  weights, eps = dict(config.loss_weights), losses.label_smoothing(config)
   seed = config.seed
   accum = int(config.get("grad_accum_steps", 1))
   if accum < 1:
@@ -89,7 +129,8 @@ def make_train_step(model: VSRModel, config, state_layout: StateLayout) -> Calla
 
     def loss_fn(trainable, batch, rng):
       params = optim.merge(trainable, frozen)
-      named, extra = compute_losses(model, params, state.model_state, batch, train=True, rng=rng)
+      named, extra = compute_losses(model, params, state.model_state, batch, train=True, rng=rng,
+                                    label_smoothing=eps)
       return losses.weighted_total(named, weights), (named, extra)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -112,7 +153,7 @@ def make_train_step(model: VSRModel, config, state_layout: StateLayout) -> Calla
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     metrics = {"train/loss": total, "train/grad_norm": optax.global_norm(grads),
-               "train/token_accuracy": extra["token_accuracy"]}
+               **{f"train/{k}": v for k, v in extra.items()}}
     metrics.update({f"train/{k}": v for k, v in named.items()})
     metrics.update({f"train/lr_{k}": fn(state.step) for k, fn in schedules.items()})
     new_state = state.replace(step=state.step + 1, params=optim.merge(trainable, frozen),

@@ -1,8 +1,8 @@
 """A video encoder of the AV-HuBERT shape: 3-D conv stem, per-frame ResNet, Transformer.
 
-It is frozen in every default config: by default (``train=False``) batch norm
-uses its running statistics (collection ``batch_stats``), and the composed
-model applies ``jax.lax.stop_gradient`` to its output. Pretraining
+It is frozen in every default config (``config.optim.param_groups``): by
+default (``train=False``) batch norm uses its running statistics (collection
+``batch_stats``); the composed model calls it so even when it trains. Pretraining
 (``vsrllm_jax/tools/pretrain_encoder.py``) calls it with ``train=True`` and
 ``mutable=['batch_stats']``: batch norm then normalises with, and updates its
 running averages from, statistics over real frames only. Padded frames are
