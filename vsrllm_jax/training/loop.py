@@ -17,6 +17,7 @@ from vsrllm_jax import sharding
 from vsrllm_jax.data import examples
 from vsrllm_jax.data.batch import model_inputs
 from vsrllm_jax.inference import evaluation, predictor, scoring
+from vsrllm_jax.models import lora
 from vsrllm_jax.run import checkpoint, metrics, pretrained, throughput
 from vsrllm_jax.run import setup as setup_lib
 from vsrllm_jax.run import state as state_lib
@@ -62,7 +63,10 @@ def _step_flops(setup, layout) -> throughput.StepFlops:
       counting.grad_accum_steps = 1   # XLA would count a micro-batch loop's body once
     make_counting_step = lambda: step_lib.make_train_step(throughput.counting_model(model),
                                                           counting, layout)
+  # LoRA adapters train no LLM kernel: the kernels' weight gradients are not computed
+  # (the adapters' own rank-r matmuls are left out of the analytic count).
   llm_trained = any(path[0] == "llm" and label is not optim.FROZEN
+                    and path[-1] not in lora.ADAPTER_NAMES
                     for path, label in layout.labels.items())
   return throughput.StepFlops(model, layout.abstract(), llm_trained=llm_trained,
                               make_counting_step=make_counting_step)
