@@ -2,7 +2,6 @@
 (no gradient, no optimizer state), then trained with fresh AdamW state and the global
 schedule's learning rate; checkpoints restore into their step's layout, so a run resumed
 on either side of N continues bit for bit as the uninterrupted one."""
-import json
 import os
 import shutil
 
@@ -10,10 +9,9 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from tests.helpers import tiny_run_config
+from tests.helpers import tiny_run_config, workdir_files
 from tests.helpers.tiny import tiny_config
 from vsrllm_jax import sharding
 from vsrllm_jax.configs import common
@@ -137,21 +135,6 @@ def _run_config(data_dir):
   return c
 
 
-def _state(workdir, step):
-  path = os.path.join(workdir, checkpoint.LATEST_DIR, str(step), "state")
-  return ocp.StandardCheckpointer().restore(path)
-
-
-def _losses(workdir):
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      rec = json.loads(line)
-      if "train/loss" in rec:
-        out[rec["step"]] = (rec["train/loss"], rec["train/lm_nll"])
-  return out
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """An uninterrupted run, and runs resumed from its checkpoints at 1 (< N), at N (the
@@ -171,16 +154,16 @@ def runs(tmp_path_factory):
 
 def test_the_encoder_starts_training_at_n(runs):
   full, _ = runs
-  enc = {s: _state(full, s)["params"]["encoder"] for s in (1, 2, 3)}
+  enc = {s: workdir_files.saved_state(full, s)["params"]["encoder"] for s in (1, 2, 3)}
   flat = {s: flax.traverse_util.flatten_dict(t) for s, t in enc.items()}
   assert all(np.array_equal(flat[1][k], flat[2][k]) for k in flat[1])     # step 1: frozen
   assert any(not np.array_equal(flat[2][k], flat[3][k]) for k in flat[2])  # step 2: trained
-  opt = {s: _leaves(_state(full, s)["opt_state"]) for s in (1, 2, 3)}
+  opt = {s: _leaves(workdir_files.saved_state(full, s)["opt_state"]) for s in (1, 2, 3)}
   assert not any("encoder" in k for k in opt[1])
   counts = {s: [v for k, v in opt[s].items() if "main@2" in k and "count" in k] for s in (2, 3)}
   assert counts[2] and all(c == 0 for c in counts[2])    # created at N, before its first update
   assert all(c == 1 for c in counts[3])
-  losses = _losses(full)
+  losses = workdir_files.scalars(full, "train/loss", "train/lm_nll")
   assert sorted(losses) == list(range(1, STEPS + 1))
   assert all(loss != nll for loss, nll in losses.values())   # label smoothing is on
 
@@ -188,10 +171,10 @@ def test_the_encoder_starts_training_at_n(runs):
 @pytest.mark.parametrize("start", [1, N, 3])
 def test_resume_before_at_and_after_n_is_bitwise_exact(runs, start):
   full, resumed = runs
-  want, got = _leaves(_state(full, STEPS)), _leaves(_state(resumed[start], STEPS))
+  want, got = _leaves(workdir_files.saved_state(full, STEPS)), _leaves(workdir_files.saved_state(resumed[start], STEPS))
   assert want.keys() == got.keys()
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-  lf, lr = _losses(full), _losses(resumed[start])
+  lf, lr = workdir_files.scalars(full, "train/loss", "train/lm_nll"), workdir_files.scalars(resumed[start], "train/loss", "train/lm_nll")
   assert sorted(lr) == list(range(start + 1, STEPS + 1))
   assert all(lr[s] == lf[s] for s in lr), (lf, lr)

@@ -12,9 +12,9 @@ import sys
 import time
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+from tests.helpers import workdir_files
 from vsrllm_jax.run import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,22 +56,6 @@ def _start_and_signal(workdir, data_dir, wait_for_step, sig):
   return proc.returncode, err
 
 
-def _params(workdir, step):
-  path = os.path.join(workdir, checkpoint.LATEST_DIR, str(step), "state")
-  return ocp.StandardCheckpointer().restore(path)["params"]
-
-
-def _losses(workdir):
-  """Per-step train/loss; for replayed steps the last value written."""
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      rec = json.loads(line)
-      if "train/loss" in rec:
-        out[rec["step"]] = rec["train/loss"]
-  return out
-
-
 def _leaves(tree, prefix=""):
   if isinstance(tree, dict):
     for k, v in sorted(tree.items()):
@@ -105,11 +89,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(runs):
 def test_resume_after_sigkill_is_bitwise_exact(runs):
   a, b, killed_at, _, _ = runs
   assert killed_at is not None and 4 <= killed_at < STEPS
-  pa, pb = dict(_leaves(_params(a, STEPS))), dict(_leaves(_params(b, STEPS)))
+  pa, pb = dict(_leaves(workdir_files.saved_state(a, STEPS)["params"])), dict(_leaves(workdir_files.saved_state(b, STEPS)["params"]))
   assert pa.keys() == pb.keys()
   for k in pa:
     assert np.array_equal(pa[k], pb[k]), f"{k} differs after resume"
-  la, lb = _losses(a), _losses(b)
+  la, lb = workdir_files.scalars(a, "train/loss"), workdir_files.scalars(b, "train/loss")
   assert sorted(la) == list(range(1, STEPS + 1)) and sorted(lb) == sorted(la)
   assert all(la[s] == lb[s] for s in la), (la, lb)
 
